@@ -1,0 +1,105 @@
+"""Turning attention maps into masks and heat maps.
+
+* :func:`gaussian_blur` — separable Gaussian, reflect padding; a 3x3 kernel with
+  sigma 0.5 is LEDITS++'s smoothing (spec §4.4 step 3).  The kernel sums to 1, so a
+  constant map is unchanged (property P22).
+* :func:`binarize` — ``"quantile"``: keep values >= the per-image ``q``-quantile
+  (LEDITS++ M1, ``[A >= quantile(A, lambda)]``); ``"threshold"``: keep values of the
+  per-image max-normalised map strictly above ``t`` (Eta Inversion §4.2, ``A > 0.2``).
+* :func:`heatmap` / :func:`overlay` — a perceptually ordered colour ramp (dark blue ->
+  yellow) blended over an image for previews.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "normalize_max", "binarize", "resize_map", "heatmap", "overlay"]
+
+
+def gaussian_kernel1d(sigma: float, size: int | None = None) -> torch.Tensor:
+    if sigma <= 0:
+        raise ValueError("sigma must be > 0")
+    if size is None:
+        size = 2 * math.ceil(3 * sigma) + 1
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, size: int | None = None) -> torch.Tensor:
+    """Blur ``[B, H, W]`` maps; ``sigma`` in pixels of the map."""
+    if sigma == 0:
+        return maps
+    k = gaussian_kernel1d(sigma, size).to(maps.device, maps.dtype)
+    r = (k.numel() - 1) // 2
+    x = maps[:, None]
+    mode = "reflect" if min(maps.shape[-2:]) > r else "replicate"
+    x = F.pad(x, (r, r, 0, 0), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def normalize_max(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Divide each map by its maximum (maps are non-negative)."""
+    m = maps.flatten(1).amax(1).clamp_min(eps)
+    return maps / m.view(-1, 1, 1)
+
+
+def binarize(maps: torch.Tensor, mode: str = "quantile", value: float = 0.9) -> torch.Tensor:
+    """Binary float masks ``[B, H, W]`` in {0, 1}; see the module docstring."""
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [B, H, W], got {tuple(maps.shape)}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{mode} value must be in [0, 1], got {value}")
+    if mode == "quantile":
+        q = torch.quantile(maps.flatten(1).float(), value, dim=1).view(-1, 1, 1)
+        return (maps >= q).to(maps.dtype)
+    if mode == "threshold":
+        return (normalize_max(maps) > value).to(maps.dtype)
+    raise ValueError(f"mode must be 'quantile' or 'threshold', got {mode!r}")
+
+
+def resize_map(maps: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    size = (int(size[0]), int(size[1]))
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    kw = {} if mode in ("nearest", "area") else {"align_corners": False}
+    return F.interpolate(maps[:, None], size=size, mode=mode, **kw)[:, 0]
+
+
+_RAMP = torch.tensor([
+    [0.050, 0.030, 0.330],
+    [0.230, 0.320, 0.550],
+    [0.130, 0.570, 0.550],
+    [0.370, 0.790, 0.380],
+    [0.990, 0.910, 0.150],
+])
+
+
+def heatmap(maps: torch.Tensor) -> torch.Tensor:
+    """Colour ``[B, H, W]`` maps (max-normalised) -> ``[B, H, W, 3]`` images in [0, 1]."""
+    m = normalize_max(maps.float()).clamp(0, 1)
+    n = _RAMP.shape[0] - 1
+    pos = m * n
+    lo = pos.floor().clamp(max=n - 1).long()
+    w = (pos - lo).unsqueeze(-1)
+    ramp = _RAMP.to(maps.device)
+    return ramp[lo] * (1 - w) + ramp[lo + 1] * w
+
+
+def overlay(image: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
+    """Blend heat maps over ``[B, H, W, 3]`` images (ComfyUI IMAGE layout)."""
+    hm = heatmap(resize_map(maps.float(), image.shape[1:3]))
+    if image.shape[0] != hm.shape[0]:
+        if image.shape[0] == 1:
+            image = image.expand(hm.shape[0], -1, -1, -1)
+        elif hm.shape[0] == 1:
+            hm = hm.expand(image.shape[0], -1, -1, -1)
+        else:
+            raise ValueError(f"image batch {image.shape[0]} does not match map batch {hm.shape[0]}")
+    return (image[..., :3].float() * (1 - alpha) + hm * alpha).clamp(0, 1)

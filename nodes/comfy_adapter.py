@@ -1,0 +1,246 @@
+"""The one module that touches ComfyUI internals (``comfy.*``).
+
+Everything PhotoOps needs from ComfyUI's private API goes through here, so an upstream
+change breaks one file:
+
+* :func:`ensure_supported` — SD1.x / SD2.x / SDXL-style UNets with discrete eps or v
+  model sampling; anything else (Flux, SD3, Cascade, EDM, flow) is refused clearly.
+* :func:`attach_attention_hooks` — clone the ModelPatcher and install an ``attn2``
+  replace on every cross-attention block that dispatches to a kernels
+  :class:`~..kernels.attention.AttentionHooks`.  An existing replace on the same block
+  (another pack's) is wrapped and still computes the layer's output.
+* :func:`tokenize_word` — word -> key positions with the CLIP object's own tokenizer.
+* :class:`ComfyDenoiser` — the kernels Denoiser view over ``calc_cond_batch``.
+* progress / interrupt helpers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.samplers
+import comfy.utils
+from comfy.ldm.modules.attention import optimized_attention
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..kernels.attention import AttentionHooks
+from ..kernels.protocol import CallInfo, LayerInfo, UnsupportedModelError, step_of_sigma
+from ..kernels.schedule import VPSchedule
+from ..kernels.tokens import find_word_positions
+
+HOOK_KEY = "photoops_attention"
+_PLACES = {"input": "down", "middle": "mid", "output": "up"}
+
+
+# -- model family -----------------------------------------------------------------------
+def model_family(model) -> str:
+    return type(model.model).__name__
+
+
+def ensure_supported(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is an SD-style UNet we handle."""
+    dm = model.get_model_object("diffusion_model")
+    if not isinstance(dm, UNetModel):
+        raise UnsupportedModelError(
+            f"PhotoOps supports SD1.x, SD2.x and SDXL UNet models; this model is {model_family(model)} "
+            f"({type(dm).__name__}), which has no UNet cross-attention to hook")
+    ms = model.get_model_object("model_sampling")
+    if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or isinstance(ms, comfy.model_sampling.EDM) \
+            or not isinstance(ms, comfy.model_sampling.EPS):
+        raise UnsupportedModelError(
+            f"PhotoOps supports discrete eps- and v-prediction sampling; this model uses "
+            f"{type(ms).__name__} ({[c.__name__ for c in type(ms).__mro__[1:3]]})")
+
+
+def prediction_type(model) -> str:
+    ms = model.get_model_object("model_sampling")
+    return "v_prediction" if isinstance(ms, comfy.model_sampling.V_PREDICTION) else "epsilon"
+
+
+def vp_schedule(model) -> VPSchedule:
+    ms = model.get_model_object("model_sampling")
+    return VPSchedule(1.0 / (1.0 + ms.sigmas.double() ** 2))
+
+
+def latent_channels(model) -> int:
+    return int(model.get_model_object("latent_format").latent_channels)
+
+
+def check_latent(model, latent: torch.Tensor) -> None:
+    """Clear error for a LATENT that does not fit the model (channels, size)."""
+    c = latent_channels(model)
+    if latent.ndim != 4 or latent.shape[1] != c:
+        raise ValueError(f"the latent has shape {tuple(latent.shape)}, but this model ({model_family(model)}) "
+                         f"expects [batch, {c}, height, width]; encode the image with this model's VAE")
+    if latent.shape[-1] < 2 or latent.shape[-2] < 2:
+        raise ValueError(f"the latent {tuple(latent.shape[-2:])} is too small for this model")
+
+
+# -- attention hooks --------------------------------------------------------------------
+def cross_attention_layers(model) -> list:
+    """LayerInfo for each cross-attention transformer block, in forward order."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    ensure_supported(model)
+    dm = model.get_model_object("diffusion_model")
+    keys = []
+    for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+        for i, blk in enumerate(blocks):
+            for mod in blk:
+                if isinstance(mod, SpatialTransformer):
+                    for j, tb in enumerate(mod.transformer_blocks):
+                        if getattr(tb, "attn2", None) is not None:
+                            keys.append((name, 0 if name == "middle" else i, j))
+    if not keys:
+        raise UnsupportedModelError("the model's UNet has no cross-attention layers")
+    return [LayerInfo(key=k, place=_PLACES[k[0]], order=n) for n, k in enumerate(keys)]
+
+
+def _call_info(q, extra_options) -> CallInfo:
+    chunks = list(extra_options.get("cond_or_uncond") or [0])
+    sig = extra_options.get("sigmas")
+    sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) else float(sig or 0.0)
+    step, total = step_of_sigma(sigma, extra_options.get("sample_sigmas"))
+    shape = extra_options.get("original_shape")
+    return CallInfo(sigma=sigma, chunks=chunks, rows_per_chunk=q.shape[0] // max(len(chunks), 1),
+                    latent_hw=tuple(shape[-2:]), step=step, total_steps=total)
+
+
+def _make_replace(hooks: AttentionHooks, layer: LayerInfo, previous):
+    def attn2_replace(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+
+        def attend(q, k, v):
+            if previous is not None:
+                return previous(q, k, v, extra_options)
+            return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                       transformer_options=extra_options)
+
+        if not len(hooks):
+            return attend(q, k, v)
+        return hooks(q, k, v, heads, layer, _call_info(q, extra_options), attend)
+
+    attn2_replace.photoops_layer = layer
+    return attn2_replace
+
+
+def attach_attention_hooks(model, hooks: AttentionHooks, on_run_start=None):
+    """A clone of ``model`` whose cross-attention layers dispatch to ``hooks``.
+
+    ``on_run_start()`` is called when a sampling run with the clone starts (ComfyUI's
+    ON_PRE_RUN callback), e.g. to reset recorders.  The input model is not touched.
+    """
+    layers = cross_attention_layers(model)
+    m = model.clone()
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for layer in layers:
+        key = layer.key
+        previous = existing.get(key, existing.get(key[:2]))
+        m.set_model_attn2_replace(_make_replace(hooks, layer, previous), key[0], key[1], key[2])
+    if on_run_start is not None:
+        m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, HOOK_KEY,
+                                lambda patcher: on_run_start())
+    return m
+
+
+# -- tokens -----------------------------------------------------------------------------
+def _clip_tokenizers(clip_tokens: dict) -> list:
+    return list(clip_tokens.keys())
+
+
+def tokenize_word(clip, prompt: str, word: str) -> dict:
+    """Key positions of ``word`` in ``prompt`` as the CLIP object tokenizes it.
+
+    Returns ``{"positions", "prompt_len", "tokens"}``; ``prompt_len`` is the length of
+    the prompt's conditioning sequence (77 per chunk).  For SDXL the ``l`` and ``g``
+    tokenizers give the same positions; ``l`` (or the only one) is used.
+    """
+    if not word or not word.strip():
+        raise ValueError("the word to capture is empty")
+    ptoks = clip.tokenize(prompt)
+    wtoks = clip.tokenize(word.strip())
+    key = "l" if "l" in ptoks else next(iter(ptoks))
+    tok = _sub_tokenizer(clip, key)
+    special = {t for t in (getattr(tok, "start_token", None), getattr(tok, "end_token", None),
+                           getattr(tok, "pad_token", None)) if t is not None}
+    query = [item[0] for chunk in wtoks[key] for item in chunk
+             if isinstance(item[0], torch.Tensor) or item[0] not in special]
+    decode = _decoder(tok)
+    positions = find_word_positions(ptoks[key], query, decode=decode, special=tuple(special), word=word)
+    chunk_len = len(ptoks[key][0])
+    return {"positions": positions, "prompt_len": chunk_len * len(ptoks[key]), "tokens": ptoks[key]}
+
+
+def _sub_tokenizer(clip, key):
+    t = clip.tokenizer
+    for attr in ("clip_" + key, key, getattr(t, "clip", None)):
+        if isinstance(attr, str) and hasattr(t, attr):
+            return getattr(t, attr)
+    return t
+
+
+def _decoder(tok):
+    inv = None
+    inner = getattr(tok, "tokenizer", None)
+    if inner is not None and hasattr(inner, "get_vocab"):
+        inv = {v: k for k, v in inner.get_vocab().items()}
+    return (lambda i: inv.get(i, str(i)).replace("</w>", "")) if inv else str
+
+
+# -- denoiser view ----------------------------------------------------------------------
+class ComfyDenoiser:
+    """Denoiser view inside a ComfyUI sampling run (conds already processed)."""
+
+    def __init__(self, inner_model, conds: Sequence, model_options: dict):
+        self.inner_model, self.conds, self.model_options = inner_model, list(conds), model_options
+        ms = inner_model.model_sampling
+        self.schedule = VPSchedule(1.0 / (1.0 + ms.sigmas.double() ** 2))
+
+    def predict_x0(self, x, sigma, conds: Optional[Sequence[int]] = None) -> list:
+        sel = [self.conds[i] for i in (conds if conds is not None else range(len(self.conds)))]
+        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1).expand(x.shape[0])
+        return comfy.samplers.calc_cond_batch(self.inner_model, sel, x, s, self.model_options)
+
+
+class ProbeGuider(comfy.samplers.CFGGuider):
+    """A guider over N conditionings whose sampler function gets a :class:`ComfyDenoiser`.
+
+    ``run(fn, latent, sigmas)`` prepares the model exactly as a normal sampling run does
+    (LoRA patches, hooks, device placement), then calls ``fn(denoiser, x, sigmas)``.
+    """
+
+    def __init__(self, model_patcher, conditionings: Sequence):
+        super().__init__(model_patcher)
+        self.inner_set_conds({f"c{i}": c for i, c in enumerate(conditionings)})
+        self.n = len(conditionings)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[f"c0"]], x, timestep, model_options)[0]
+
+    def run(self, fn, latent: torch.Tensor, sigmas: torch.Tensor, seed: int = 0):
+        out = {}
+        guider = self
+
+        def sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            den = ComfyDenoiser(guider.inner_model, [guider.conds[f"c{i}"] for i in range(guider.n)],
+                                extra_args["model_options"])
+            out["result"] = fn(den, x, sigmas)
+            return x
+
+        sampler = comfy.samplers.KSAMPLER(sampler_fn)
+        self.sample(torch.zeros_like(latent), latent, sampler, sigmas, disable_pbar=True, seed=seed)
+        return out["result"]
+
+
+# -- progress and interruption -----------------------------------------------------------
+def progress_bar(total: int):
+    return comfy.utils.ProgressBar(total)
+
+
+def check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
