@@ -1,8 +1,10 @@
-"""Test setup: offline hub, the pack importable as ``photoops``, repo root on sys.path.
+"""Test setup: offline hub, the pack importable as ``photoops``, ``tools`` and ``tests`` helpers.
 
 The repository root is the pack (ComfyUI loads it as a package named after its folder),
 so tests import it through a symlink named ``photoops`` in a temporary folder; relative
-imports inside the pack then work exactly as under ComfyUI.
+imports inside the pack then work exactly as under ComfyUI.  The repository root itself
+is NOT put on sys.path: its ``nodes`` package would shadow ComfyUI's top-level ``nodes``
+module in the in-process ComfyUI tests.  ``tools`` gets its own symlink instead.
 """
 import os
 import sys
@@ -16,7 +18,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 _PKG_DIR = Path(tempfile.mkdtemp(prefix="photoops_pkg_"))
 (_PKG_DIR / "photoops").symlink_to(ROOT, target_is_directory=True)
+(_PKG_DIR / "tools").symlink_to(ROOT / "tools", target_is_directory=True)
 sys.path.insert(0, str(_PKG_DIR))
-for p in (str(ROOT), str(ROOT / "tests")):
-    if p not in sys.path:
-        sys.path.insert(1, p)
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(1, str(ROOT / "tests"))
+# ``python -m pytest`` from the repository root puts the root (as '' or its path) on
+# sys.path; drop it for the reason given above.
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != ROOT]
