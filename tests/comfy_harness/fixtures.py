@@ -8,7 +8,7 @@ ComfyUI's ``CheckpointLoaderSimple`` detects it as SD1.5 (EPS):
   :func:`diffusers_unet_to_ldm` and stored under ``model.diffusion_model.``.
 * Text encoder: a full-size CLIP-L text model (ComfyUI always builds the full
   SD1 CLIP, so no weight may be left out), random, seeded, under
-  ``cond_stage_model.transformer.``.
+  ``cond_stage_model.transformer.text_model.``.
 * VAE: the TAESD layout (diffusers ``AutoencoderTiny``), random, seeded, under
   ``first_stage_model.``.
 
@@ -41,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 # Bump when anything below changes what bytes are written.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 #: File name the integration tests give the fixture inside the checkpoints folder.
 FIXTURE_CHECKPOINT_NAME = "photoops_tiny_sd15.safetensors"
@@ -355,6 +355,10 @@ def build_sd15_state_dict(seed: int = 0, dtype=torch.float32, te_dtype=torch.flo
     for k, v in clip.state_dict().items():
         if k.endswith("position_ids"):
             continue
+        # transformers 5 names them "encoder.layers..." (no "text_model."); SD1
+        # checkpoints use the transformers 4 names.
+        if not k.startswith("text_model."):
+            k = "text_model." + k
         sd[CLIP_PREFIX + k] = v.detach().to(te_dtype).contiguous()
     del clip
 
