@@ -72,15 +72,21 @@ class ProbabilityCache:
         """float32 probabilities ``[len(rows), heads, queries, keys]``."""
         key = tuple(rows)
         if key not in self._cache:
-            idx = torch.as_tensor(rows, device=self.q.device, dtype=torch.long)
-            q = self.q.index_select(0, idx).float()
-            k = self.k.index_select(0, idx).float()
+            if key == tuple(range(key[0], key[-1] + 1)):      # contiguous: a view, no copy
+                q, k = self.q[key[0]:key[-1] + 1], self.k[key[0]:key[-1] + 1]
+            else:
+                idx = torch.as_tensor(rows, device=self.q.device, dtype=torch.long)
+                q, k = self.q.index_select(0, idx), self.k.index_select(0, idx)
             r, L, c = q.shape
             d = c // self.heads
-            qh = q.reshape(r, L, self.heads, d).transpose(1, 2)
-            kh = k.reshape(r, k.shape[1], self.heads, d).transpose(1, 2)
-            self._cache[key] = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+            qh = (q.float() * (1.0 / math.sqrt(d))).reshape(r, L, self.heads, d).transpose(1, 2)
+            kh = k.float().reshape(r, k.shape[1], self.heads, d).transpose(1, 2)
+            self._cache[key] = torch.softmax(qh @ kh.transpose(-1, -2), dim=-1)
         return self._cache[key]
+
+    @property
+    def queries(self) -> int:
+        return self.q.shape[1]
 
 
 class AttentionHook:
@@ -184,10 +190,13 @@ class TokenMapRecorder(AttentionHook):
         self._sums = {}    # (factor, place_is_mid) -> [sum tensor, count, (h, w)]
         self.calls = 0
         self.latent_hw = None
+        self._has_quarter = False
 
     def active(self, layer, call) -> bool:
         p = call.progress
         if p is not None and not (self.steps[0] <= p < self.steps[1] or (p == 1.0 and self.steps[1] == 1.0)):
+            return False
+        if self.layers == "lowres" and layer.place == "mid":
             return False
         return bool(call.rows_of(self.cond_index))
 
@@ -202,6 +211,17 @@ class TokenMapRecorder(AttentionHook):
         return cols
 
     def record(self, probs, layer, call) -> None:
+        if self.layers == "lowres":
+            # Only 1/4-size layers are used when the model has them: skip the others
+            # (before computing any probability) once one has been seen.
+            h, _ = fold_sequence(probs.queries, call.latent_hw)
+            factor = -(-int(call.latent_hw[0]) // h)
+            if factor != 4 and self._has_quarter:
+                return
+            if factor == 4 and not self._has_quarter:
+                self._has_quarter = True
+                self._sums = {k: v for k, v in self._sums.items() if k[0] == 4}
+                self.calls = sum(v[1] for v in self._sums.values())
         rows = call.rows_of(self.cond_index)
         p = probs.rows(rows)                                   # [R, heads, L, T]
         cols = torch.as_tensor(self._columns(p.shape[-1]), device=p.device)

@@ -116,8 +116,13 @@ def test_lowres_mode_picks_quarter_resolution_and_skips_mid():
         hooks(q, k, v, 2, LayerInfo("l", place, 0), _call(rows=1, hw=(64, 64)), _sdpa(2))
     assert rec.native_size() == (16, 16)
     assert [s[2] for s in rec.selected()] == [(16, 16)]
-    rec.layers = "all"
-    assert rec.native_size() == (64, 64)
+    assert rec.calls == 1                      # 64x64 and 32x32 were dropped, mid skipped
+    # a model without 1/4-size layers: the coarsest non-mid resolution it has
+    rec2 = TokenMapRecorder([1], prompt_len=10, layers="lowres")
+    for L, place in ((8 * 8, "down"), (4 * 4, "up"), (4 * 4, "mid")):
+        q, k, v = torch.randn(2, L, 16), torch.randn(2, 10, 16), torch.randn(2, 10, 16)
+        AttentionHooks([rec2])(q, k, v, 2, LayerInfo("l", place, 0), _call(rows=1, hw=(8, 8)), _sdpa(2))
+    assert rec2.native_size() == (4, 4) and rec2.calls == 2
 
 
 def test_kv_override_identity_and_effect():
@@ -208,9 +213,13 @@ def test_recorded_map_matches_diffusers_own_attention_scores():
     # 16x16 latent: layers at 8x8 (factor 2) and 4x4 (factor 4); lowres picks factor 4 = 4x4 non-mid
     exp4 = torch.stack([a for a in ref[4][:2] + ref[4][3:]]).mean(0)  # down x2, up x3 (mid is ref[4][2])
     torch.testing.assert_close(rec.result(), exp4, atol=1e-6, rtol=1e-5)
-    rec.layers = "all"
-    assert rec.native_size() == (8, 8)
-    assert expected_8.shape == (1, 8, 8)
+    hooks2 = AttentionHooks()
+    rec_all = hooks2.add(TokenMapRecorder(positions, prompt_len=7, layers="all"))
+    DiffusersDenoiser(tiny_unet(1), sched, hooks=hooks2).predict_x0(x, torch.tensor(1.5), [ctx])
+    up = torch.nn.functional.interpolate(torch.stack(ref[4]).mean(0)[:, None], size=(8, 8), mode="bilinear",
+                                         align_corners=False)[:, 0]
+    expected_all = (expected_8 * len(ref[8]) + up * len(ref[4])) / (len(ref[8]) + len(ref[4]))
+    torch.testing.assert_close(rec_all.result(), expected_all, atol=1e-6, rtol=1e-5)
 
 
 def test_v_prediction_conversion():
