@@ -23,9 +23,14 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:  # conftest normally does this; keep the module runnable alone
     sys.path.insert(0, _TESTS)
 
-from comfy_harness import browser as br  # noqa: E402
-from comfy_harness.convert import ui_to_api  # noqa: E402
-from comfy_harness.pytest_fixtures import _report, comfyui_server, fixture_checkpoint  # noqa: E402,F401
+from comfy_harness import browser as br
+from comfy_harness import pytest_fixtures as _fx
+from comfy_harness.convert import ui_to_api
+
+# Fixtures shared with other modules (pytest finds them as module attributes);
+# require_comfyui is overridden below to also need Chromium and Playwright.
+fixture_checkpoint = _fx.fixture_checkpoint
+comfyui_server = _fx.comfyui_server
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_GRAPHS = ROOT / "tests" / "comfy_harness" / "graphs"
@@ -54,7 +59,7 @@ def _workflow_files():
 def shots_dir(request):
     d = Path(tempfile.mkdtemp(prefix="photoops-screenshots-"))
     yield d
-    _report(request, f"[test_browser] screenshots in {d}")
+    _fx.report(request, f"[test_browser] screenshots in {d}")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +82,8 @@ def test_frontend_boots_cleanly(frontend, comfyui_server):
     failures = frontend.failures_since(0)
     assert not failures, "while the page booted:\n" + "\n".join(failures)
     # Our web extension files (if any) are listed for the frontend to load.
-    web = sorted(p.relative_to(ROOT / "web").as_posix() for p in (ROOT / "web").rglob("*.js")) if (ROOT / "web").is_dir() else []
+    web_dir = ROOT / "web"
+    web = sorted(p.relative_to(web_dir).as_posix() for p in web_dir.rglob("*.js")) if web_dir.is_dir() else []
     if web:
         listed = comfyui_server.get_json("/extensions")
         for rel in web:
@@ -93,7 +99,8 @@ def test_workflow_loads_without_missing_or_broken_nodes(frontend, comfyui_server
     shot = frontend.screenshot(shots_dir / f"{wf_path.stem}.png")
     comfyui_server.timings[f"browser {wf_path.name}"] = time.perf_counter() - t0
 
-    assert not report.problems, f"missing/broken nodes in {wf_path.name} (screenshot {shot}):\n" + "\n".join(report.problems)
+    assert not report.problems, (
+        f"missing/broken nodes in {wf_path.name} (screenshot {shot}):\n" + "\n".join(report.problems))
     assert report.prompt, "graphToPrompt gave an empty prompt"
     assert not report.missing_class_type, f"graphToPrompt entries without class_type: {report.missing_class_type}"
     failures = frontend.failures_since(mark)
@@ -107,7 +114,8 @@ def test_workflow_loads_without_missing_or_broken_nodes(frontend, comfyui_server
         return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
 
     assert strip(ours) == strip(report.prompt), (
-        f"converter differs from graphToPrompt for {wf_path.name}:\nours:     {json.dumps(strip(ours), sort_keys=True)}\n"
+        f"converter differs from graphToPrompt for {wf_path.name}:\n"
+        f"ours:     {json.dumps(strip(ours), sort_keys=True)}\n"
         f"frontend: {json.dumps(strip(report.prompt), sort_keys=True)}")
 
 

@@ -25,9 +25,14 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:  # conftest normally does this; keep the module runnable alone
     sys.path.insert(0, _TESTS)
 
-from comfy_harness.convert import ConversionError, ui_to_api  # noqa: E402
-from comfy_harness.pytest_fixtures import comfyui_server, fixture_checkpoint, require_comfyui  # noqa: E402,F401
-from comfy_harness.server import output_images  # noqa: E402
+from comfy_harness import pytest_fixtures as _fx
+from comfy_harness.convert import ConversionError, ui_to_api
+
+# Fixtures shared with other modules (pytest finds them as module attributes).
+require_comfyui = _fx.require_comfyui
+fixture_checkpoint = _fx.fixture_checkpoint
+comfyui_server = _fx.comfyui_server
+from comfy_harness.server import output_images
 
 pytestmark = pytest.mark.usefixtures("require_comfyui")
 
@@ -73,7 +78,8 @@ def test_object_info_lists_pack_nodes_with_tooltips(comfyui_server):
     for node_id, node in sorted(ours.items()):
         for section in ("required", "optional"):
             for name, spec in ((node.get("input") or {}).get(section) or {}).items():
-                opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+                has_opts = isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict)
+                opts = spec[1] if has_opts else {}
                 tip = opts.get("tooltip")
                 if not (isinstance(tip, str) and tip.strip()):
                     no_tip.append(f"{node_id}.{name}")
@@ -104,7 +110,8 @@ def test_workflow_runs_and_writes_pngs(comfyui_server, wf_path):
     for nid, img in output_images(entry):
         got.setdefault(nid, []).append(img)
     for nid in declared:
-        assert got.get(nid), f"node {nid} ({prompt[nid]['class_type']}) produced no image; outputs: {entry.get('outputs')}"
+        assert got.get(nid), (
+            f"node {nid} ({prompt[nid]['class_type']}) produced no image; outputs: {entry.get('outputs')}")
         for img in got[nid]:
             data = srv.view(img)
             assert data[:8] == PNG_MAGIC, f"{img} is not a PNG"

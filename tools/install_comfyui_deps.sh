@@ -43,7 +43,7 @@ trap 'rm -rf "$work"' EXIT
 # Keep every requirement except the excluded packages (match the name before
 # any version specifier, extras or marker; comments and blanks go too).
 grep -v -E '^[[:space:]]*(#|$)' "$req" \
-    | grep -v -i -E '^[[:space:]]*(torch|torchvision|torchaudio|spandrel)[[:space:]]*([<>=!~;\[]|$)' \
+    | grep -v -i -E '^[[:space:]]*(torch|torchvision|torchaudio|spandrel)[[:space:]]*([<>=!~;#@\[]|$)' \
     > "$work/requirements.txt"
 echo "requests" >> "$work/requirements.txt"
 echo "torch==$TORCH_PIN" > "$work/constraints.txt"

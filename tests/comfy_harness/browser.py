@@ -93,7 +93,7 @@ class Chromium:
     def cdp_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Chromium":
+    def start(self) -> Chromium:
         t0 = time.perf_counter()
         self.profile = Path(tempfile.mkdtemp(prefix="photoops-chromium-"))
         self.log_path = self.profile.parent / (self.profile.name + ".log")
@@ -149,7 +149,7 @@ class Chromium:
             shutil.rmtree(self.profile, ignore_errors=True)
             self.profile = None
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -266,9 +266,7 @@ class FrontendPage:
             elif ev.kind == "http":
                 status = int(ev.text.split()[0])
                 path = urllib.parse.urlsplit(ev.text.split()[2]).path
-                if status >= 500:
-                    bad.append(f"HTTP {ev.text}")
-                elif not (status == 404 and path.startswith(ALLOWED_404_PREFIXES)):
+                if status >= 500 or not (status == 404 and path.startswith(ALLOWED_404_PREFIXES)):
                     bad.append(f"HTTP {ev.text}")
             elif ev.kind == "external-request" and not allow_external:
                 bad.append(f"request off the loopback host: {ev.text}")
@@ -277,7 +275,7 @@ class FrontendPage:
     # -- page -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, playwright, chrome: Chromium, base_url: str, timeout_ms: int = 120_000) -> "FrontendPage":
+    def open(cls, playwright, chrome: Chromium, base_url: str, timeout_ms: int = 120_000) -> FrontendPage:
         browser = playwright.chromium.connect_over_cdp(chrome.cdp_url)
         ctx = browser.contexts[0] if browser.contexts else browser.new_context()
         page = ctx.pages[0] if ctx.pages else ctx.new_page()

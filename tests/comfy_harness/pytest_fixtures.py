@@ -26,7 +26,7 @@ from .fixtures import cached_sd15_checkpoint
 from .server import ComfyServer
 
 
-def _report(request, text: str) -> None:
+def report(request, text: str) -> None:
     """Print to the terminal even while pytest captures output."""
     capman = request.config.pluginmanager.getplugin("capturemanager")
     ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
@@ -62,9 +62,9 @@ def comfyui_server(request, require_comfyui, fixture_checkpoint):
         failed = request.session.testsfailed > failed_before
         if failed:
             srv.keep = True
-            _report(request, f"[{request.module.__name__}] a test failed; ComfyUI server {srv.url} (pid {srv.pid})\n"
+            report(request, f"[{request.module.__name__}] a test failed; ComfyUI server {srv.url} (pid {srv.pid})\n"
                              f"{srv.log_tail(80)}\nserver files kept in {srv.root}")
         srv.stop()
         if srv.timings:
-            _report(request, f"[{request.module.__name__}] timings: " + ", ".join(
+            report(request, f"[{request.module.__name__}] timings: " + ", ".join(
                 f"{k} {v:.1f} s" for k, v in srv.timings.items() if v is not None))

@@ -235,7 +235,7 @@ class ComfyServer:
 
     # -- lifecycle ----------------------------------------------------------
 
-    def start(self) -> "ComfyServer":
+    def start(self) -> ComfyServer:
         try:
             env = self._prepare()
         except BaseException:
@@ -289,7 +289,7 @@ class ComfyServer:
                     if r.status == 200:
                         self._object_info = json.loads(r.read())
                         return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)
         raise ComfyError(f"ComfyUI did not answer /object_info within {self.start_timeout:.0f} s\n{self.log_tail()}")
@@ -321,7 +321,7 @@ class ComfyServer:
         if self.root is not None and not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -385,7 +385,8 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise ComfyError(f"ComfyUI died (exit {self.proc.returncode}) while running {prompt_id}\n{self.log_tail()}")
+                raise ComfyError(
+                    f"ComfyUI died (exit {self.proc.returncode}) while running {prompt_id}\n{self.log_tail()}")
             hist = self.get_json(f"/history/{prompt_id}")
             entry = hist.get(prompt_id)
             if entry:
@@ -409,9 +410,11 @@ class ComfyServer:
 
     def view(self, image: dict) -> bytes:
         """Fetch an output image ({filename, subfolder, type}) through /view."""
-        q = urllib.parse.urlencode(
-            {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image.get("type", "output")}
-        )
+        q = urllib.parse.urlencode({
+            "filename": image["filename"],
+            "subfolder": image.get("subfolder", ""),
+            "type": image.get("type", "output"),
+        })
         status, body, _ = self.request("GET", "/view?" + q)
         if status != 200:
             raise ComfyError(f"GET /view?{q} -> {status}")

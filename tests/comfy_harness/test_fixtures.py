@@ -87,7 +87,8 @@ def test_comfy_detects_sd15_and_loads_every_key(comfy_loaded):
     file_clip = {"clip_l.transformer." + k for k in _file_keys(info["path"], fixtures.CLIP_PREFIX)}
     assert all(k.startswith("clip_l.transformer.text_model.") for k in file_clip)
     # ComfyUI's CLIP-L has logit_scale and text_projection, which SD1 checkpoints lack (it ignores both).
-    assert {k.split("clip_l.")[-1] for k in clip_keys - file_clip} <= {"logit_scale", "transformer.text_projection.weight"}
+    extra = {k.split("clip_l.")[-1] for k in clip_keys - file_clip}
+    assert extra <= {"logit_scale", "transformer.text_projection.weight"}
     assert file_clip <= clip_keys
 
 
