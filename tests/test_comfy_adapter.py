@@ -170,3 +170,37 @@ def test_unsupported_family_is_refused(ckpt):
     assert isinstance(m, comfy.model_patcher.ModelPatcher)
     with pytest.raises(UnsupportedModelError, match=r"supports SD1.x, SD2.x and SDXL .*\(FakeDiT\)"):
         AttentionCaptureNode.execute(m, ckpt["clip"], "a red circle", "red", "lowres", 0.0, 1.0)
+
+
+def _with_sampling(model, *bases):
+    import comfy.model_sampling
+
+    cls = type("PhotoOpsTestSampling", bases, {})
+    m = model.clone()
+    m.add_object_patch("model_sampling", cls(model.model.model_config))
+    return m
+
+
+def test_v_prediction_parity(ckpt):
+    """The same UNet read as a v-prediction model (what SD2.x-v checkpoints are)."""
+    import comfy.model_sampling as ms
+
+    vmodel = _with_sampling(ckpt["model"], ms.ModelSamplingDiscrete, ms.V_PREDICTION)
+    ca.ensure_supported(vmodel)
+    assert ca.prediction_type(vmodel) == "v_prediction"
+    torch.manual_seed(5)
+    ctx, latent, sigma = torch.randn(1, 77, 768), torch.randn(1, 4, 8, 8), 1.7
+    x, x0_c = ca.ProbeGuider(vmodel, [_cond(ctx)]).run(
+        lambda den, x, s: (x.clone(), den.predict_x0(x, s[0], [0])[0]), latent, torch.tensor([sigma, 0.0]))
+    den = DiffusersDenoiser(fixtures.build_diffusers_unet(seed=0), ca.vp_schedule(vmodel), prediction_type="v_prediction")
+    x0_d = den.predict_x0(x, torch.tensor(sigma), [ctx])[0]
+    torch.testing.assert_close(x0_c.detach(), x0_d, atol=1e-4, rtol=1e-4)
+
+
+def test_flow_and_edm_sampling_are_refused(ckpt):
+    import comfy.model_sampling as ms
+
+    for bases in ((ms.ModelSamplingDiscreteFlow, ms.CONST), (ms.ModelSamplingContinuousEDM, ms.EDM)):
+        m = _with_sampling(ckpt["model"], *bases)
+        with pytest.raises(UnsupportedModelError, match="discrete eps- and v-prediction"):
+            ca.ensure_supported(m)
