@@ -11,11 +11,11 @@ Pitfall: transformers decides ``is_torchvision_available()`` by
 ``importlib.util.find_spec`` and caches the answer.  With the placeholder
 visible it says True, and then ``from diffusers import UNet2DConditionModel``
 fails (transformers imports ``torchvision.transforms.InterpolationMode``).  So
-:func:`launch_comfyui.install_transformers_guard` makes transformers
-evaluate those checks with the placeholder hidden, and the cached False sticks.  (diffusers also finds the
-placeholder but requires package metadata, which it has none of, so diffusers
-says False by itself.)  The server is started through ``launch_comfyui.py``,
-which does the same.
+:func:`launch_comfyui.install_transformers_guard` makes transformers evaluate
+those checks with the placeholder hidden, and the cached False sticks.
+(diffusers also finds the placeholder but requires package metadata, which it
+has none of, so diffusers says False by itself.)  The server is started
+through ``launch_comfyui.py``, which does the same.
 """
 from __future__ import annotations
 

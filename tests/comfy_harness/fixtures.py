@@ -441,7 +441,28 @@ def cached_sd15_checkpoint(
     path = cache / h / FIXTURE_CHECKPOINT_NAME
     if path.is_file():
         return _info(path, seed, dtype, te_dtype, seconds=0.0)
+    _prune_outdated(cache)
     return make_sd15_checkpoint(path, seed=seed, dtype=dtype, te_dtype=te_dtype)
+
+
+def _prune_outdated(cache: Path) -> None:
+    """Delete cached files written by an older GENERATOR_VERSION (~430 MB each).
+
+    Files of the current version (other seeds/dtypes/library versions) are kept."""
+    import shutil
+
+    from safetensors import safe_open
+
+    if not cache.is_dir():
+        return
+    for f in cache.glob("*/" + FIXTURE_CHECKPOINT_NAME):
+        try:
+            with safe_open(str(f), "pt") as sf:
+                meta = json.loads((sf.metadata() or {}).get("photoops_fixture", "{}"))
+        except Exception:
+            continue
+        if meta.get("generator_version", GENERATOR_VERSION) < GENERATOR_VERSION:
+            shutil.rmtree(f.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":  # manual use: python tests/comfy_harness/fixtures.py [out]

@@ -52,7 +52,6 @@ def fixture_checkpoint(require_comfyui):
 @pytest.fixture(scope="module")
 def comfyui_server(request, require_comfyui, fixture_checkpoint):
     srv = ComfyServer(require_comfyui, checkpoint=fixture_checkpoint)
-    srv.timings = {}
     failed_before = request.session.testsfailed
     srv.start()  # raises ComfyError with the log tail when it cannot start
     srv.timings["server start"] = srv.startup_seconds

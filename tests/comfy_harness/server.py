@@ -159,6 +159,8 @@ class ComfyServer:
         self._object_info = None
         self.client_id = uuid.uuid4().hex
         self.startup_seconds: float | None = None
+        #: free-form {label: seconds} that tests fill in; the pytest fixture prints it
+        self.timings: dict[str, float] = {}
 
     # -- layout -------------------------------------------------------------
 
