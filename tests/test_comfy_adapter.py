@@ -93,6 +93,33 @@ def test_parity_with_diffusers_predictions_and_maps(ckpt):
     torch.testing.assert_close(rec_c.result(), rec_d.result(), atol=1e-5, rtol=1e-4)
 
 
+def _parity(model, unet, latent_shape, sigma, positions, seed=0):
+    torch.manual_seed(seed)
+    ctx, latent = torch.randn(1, 77, 768), torch.randn(*latent_shape)
+    hooks_c, hooks_d = AttentionHooks(), AttentionHooks()
+    rec_c = hooks_c.add(TokenMapRecorder(positions, 77, layers="all"))
+    rec_d = hooks_d.add(TokenMapRecorder(positions, 77, layers="all"))
+    guider = ca.ProbeGuider(ca.attach_attention_hooks(model, hooks_c), [_cond(ctx)])
+    x, x0_c = guider.run(lambda den, x, s: (x.clone(), den.predict_x0(x, s[0], [0])[0].detach()), latent,
+                         torch.tensor([sigma, 0.0]))
+    x0_d = DiffusersDenoiser(unet, ca.vp_schedule(model), hooks=hooks_d).predict_x0(x, torch.tensor(sigma), [ctx])[0]
+    return x, x0_c, x0_d, rec_c, rec_d
+
+
+def test_parity_with_two_transformer_layers_per_block():
+    """Blocks of depth > 1 (as in SDXL) are keyed (block, id, index) like ComfyUI does."""
+    cfg = dict(fixtures.UNET_CONFIG, transformer_layers_per_block=2, block_out_channels=[320, 320])
+    unet = fixtures.build_diffusers_unet(seed=3, config=cfg)
+    model = comfy.sd.load_diffusion_model_state_dict(fixtures.diffusers_unet_to_ldm(unet.state_dict(), cfg))
+    layers = ca.cross_attention_layers(model)
+    assert len(layers) == len([n for n in unet.attn_processors if n.endswith("attn2.processor")])
+    assert any(layer.key[2] == 1 for layer in layers)
+    x, x0_c, x0_d, rec_c, rec_d = _parity(model, unet, (1, 4, 16, 16), 2.0, [4, 9])
+    torch.testing.assert_close(x0_c, x0_d, atol=1e-4, rtol=1e-4)
+    assert rec_c.calls == rec_d.calls == len(layers)
+    torch.testing.assert_close(rec_c.result(), rec_d.result(), atol=1e-5, rtol=1e-4)
+
+
 def test_input_model_is_not_mutated(ckpt):
     model = ckpt["model"]
     before_opts = repr(model.model_options)
