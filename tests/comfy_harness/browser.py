@@ -110,8 +110,9 @@ class Chromium:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                msg = f"Chromium exited with {self.proc.returncode}: {self._log_tail()}"
                 self.stop()
-                raise RuntimeError(f"Chromium exited with {self.proc.returncode}: {self._log_tail()}")
+                raise RuntimeError(msg)
             if port_file.exists():
                 lines = port_file.read_text().split()
                 if lines and lines[0].isdigit():
@@ -119,8 +120,9 @@ class Chromium:
                     self.startup_seconds = time.perf_counter() - t0
                     return self
             time.sleep(0.05)
+        msg = f"Chromium wrote no DevToolsActivePort within {self.start_timeout:.0f} s: {self._log_tail()}"
         self.stop()
-        raise RuntimeError(f"Chromium wrote no DevToolsActivePort within {self.start_timeout:.0f} s")
+        raise RuntimeError(msg)
 
     def _log_tail(self, n: int = 30) -> str:
         try:
@@ -145,6 +147,9 @@ class Chromium:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
         if self.profile is not None:
             shutil.rmtree(self.profile, ignore_errors=True)
             self.profile = None

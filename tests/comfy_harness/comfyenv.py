@@ -19,8 +19,10 @@ through ``launch_comfyui.py``, which does the same.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -86,6 +88,7 @@ def torchvision_placeholder_dir() -> Path:
     )
     (pkg / "transforms" / "__init__.py").write_text('"""Placeholder."""\n')
     _PLACEHOLDER_DIR = root
+    atexit.register(shutil.rmtree, root, True)
     return root
 
 
