@@ -120,6 +120,16 @@ def test_workflow_runs_and_writes_pngs(comfyui_server, wf_path):
             im = Image.open(io.BytesIO(data))
             assert im.width > 0 and im.height > 0
 
+    if wf_path.name == "attention_mask.json":
+        # the mask preview: binary, image-sized, keeping the top 20 % (quantile 0.8) of the map
+        import numpy as np
+
+        mask_node = next(nid for nid, n in prompt.items() if n["_meta"].get("title") == "Mask")
+        m = np.asarray(Image.open(io.BytesIO(srv.view(got[mask_node][0]))).convert("L"))
+        assert m.shape == (64, 64)
+        assert set(np.unique(m).tolist()) <= {0, 255}
+        assert 0.1 <= (m == 255).mean() <= 0.35, (m == 255).mean()
+
     if wf_path.name == "core_frontend_features.json":
         # PrimitiveNode value used, bypassed x1.5 upscale skipped, muted preview dropped.
         assert prompt["3"]["inputs"]["steps"] == 3
