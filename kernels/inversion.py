@@ -1,0 +1,507 @@
+"""DDIM inversion, edit-friendly DDPM inversion and Eta Inversion in sigma form.
+
+Everything here works on k-diffusion samples ``x = x0 + sigma * eps`` (ComfyUI's
+samplers) and on a *denoiser* ``denoise(x, sigma) -> x0 prediction`` (a k-diffusion
+model callable: ``sigma`` is a ``[B]`` tensor, the (guided) prediction is returned).
+Sigma lists are SAMPLING lists: descending, ``sigmas[0]`` the noisiest level, ending at a
+small ``s_final > 0`` (diffusers DDIM with ``set_alpha_to_one=False``: ``s_final =
+sigma(t=0)``) or at 0.  Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i+1]``.
+
+Specs: ``ddpm-inversion-sega-ledits.md`` (cited "DDPM §") and ``eta-inversion.md``
+(cited "Eta §").  Equations:
+
+Ancestral split of a step ``s -> s'`` with stochasticity ``eta`` (DDPM §0, identical to
+k-diffusion's ``get_ancestral_step``)::
+
+    s_up   = min(s', eta * sqrt(s'^2 (s^2 - s'^2) / s^2))                     (I1)
+    s_down = sqrt(s'^2 - s_up^2)                                              (I2)
+
+Generalized DDIM step (Song et al. eq. 12) in sigma form, DDPM §0 key identity::
+
+    eps_hat = (x - D) / s                                                     (I3)
+    x'      = D + s_down * eps_hat + s_up * z                                 (I4)
+
+which equals ``DDIMstep(x_vp, t, p, e, eta, z) / sqrt(abar_p)``; ``s_up * sqrt(abar_p) =
+eta * sqrt(var(t, p))`` and ``s_down * sqrt(abar_p) = sqrt(1 - abar_p - std^2)``.  With an
+eta *map* (Eta §6) (I1), (I2), (I4) are applied element-wise.
+
+DDIM inversion, "sameshift" (Eta §2, §6): from level ``u`` up to level ``t`` the model
+sees the current latent but is told ``t``.  A k-diffusion model feeds
+``x / sqrt(1 + sigma^2)`` to the network, so we call it at ``s_t`` on the rescaled input::
+
+    x_in = x_k(u) * sqrt((1 + s_t^2) / (1 + s_u^2))                           (I5)
+    e    = (x_in - D(x_in, s_t)) / s_t                                        (I6)
+    x_k(t) = x_k(u) + (s_t - s_u) * e                                         (I7)
+
+(I7) is the VP step ``x_t = sqrt(abar_t) x0_hat(x_u, u, e) + sqrt(1 - abar_t) e`` divided by
+``sqrt(abar_t)``.
+
+Edit-friendly DDPM inversion (DDPM §1.2, sigma form §1.6)::
+
+    x_k(t_i) = x0 + s_i * n_i,  n_i ~ N(0, I) i.i.d.,  x_k(final) = x0          (I8)
+    z_i = (x_k(t_{i+1}) - D_i - s_down eps_hat_i) / s_up                        (I9)
+    x_k(t_{i+1}) := D_i + s_down eps_hat_i + s_up z_i        ("correction")    (I10)
+
+Eta Inversion optimal noise (Eta §3 step 4 in sigma form §6), with the source
+prediction at the anchored inverted latent ``L[N-i]``::
+
+    n*_i = (L[N-i-1] - D_src - s_down(eta_i) eps_hat_src) / s_up(eta_i)        (I11)
+    k*   = argmin_k mean((n_k - n*_i)^2),   n_1..n_K ~ N(0, I) seeded draws     (I12)
+
+Ladders are returned as ``[N+1, B, C, H, W]`` with ``ladder[k]`` at level
+``sigmas[N-k]``: ``ladder[0]`` the clean end, ``ladder[N]`` the start latent.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from einops import reduce
+
+from .eta import eta_with_mask, per_step_eta
+
+__all__ = [
+    "ancestral_split",
+    "ddim_eta_step",
+    "ddim_invert",
+    "ddim_invert_step",
+    "ddpm_invert",
+    "eta_inversion_noises",
+    "replay_sample",
+    "select_candidate",
+    "sigma_list",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sigma_list(sigmas) -> list:
+    """Validated Python-float copy of a sampling sigma list (descending, >= 0, >= 2 entries)."""
+    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).flatten().tolist()
+    if len(s) < 2:
+        raise ValueError("sigmas must hold at least two values (one step)")
+    if not all(math.isfinite(v) for v in s) or s[-1] < 0:
+        raise ValueError(f"sigmas must be finite and >= 0, got {s}")
+    if any(b >= a for a, b in zip(s, s[1:])):
+        raise ValueError("sigmas must be strictly descending (a sampling list such as ComfyUI SIGMAS)")
+    return s
+
+
+def _sigma_in(sigma: float, x: torch.Tensor) -> torch.Tensor:
+    """``[B]`` sigma tensor for a model call (k-diffusion's ``sigma * s_in``).
+
+    At least float32 even for half-precision latents, so a sigma is never rounded to fp16.
+    Inversion and replay both build it here, so the model sees identical inputs.
+    """
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device)
+
+
+def _work_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Inversions run in float32 at least: z and n* divide by small s_up (DDPM §1.5, §1.7; Eta §7)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check_interrupt(interrupt):
+    if interrupt is not None and interrupt():
+        raise InterruptedError("interrupted")
+
+
+def _eta_at(eta, i: int, x: torch.Tensor):
+    """eta for (full-schedule) step ``i``: scalar, per-step sequence/``[N]`` tensor, one map, or per-step maps.
+
+    * float / 0-d tensor: the same scalar every step;
+    * list/tuple: entry ``i`` (each a scalar or a map);
+    * 1-d tensor ``[N]``: per-step scalars;
+    * tensor with ``x.ndim`` dims (e.g. ``[B, 1, h, w]``): one map for every step;
+    * tensor with ``x.ndim + 1`` dims (``[N, B, 1, h, w]``): per-step maps.
+    """
+    if isinstance(eta, (list, tuple)):
+        e = eta[i]
+    elif isinstance(eta, torch.Tensor):
+        if eta.ndim == 0:
+            e = eta
+        elif eta.ndim == 1:
+            e = eta[i]
+        elif eta.ndim == x.ndim:
+            e = eta
+        elif eta.ndim == x.ndim + 1:
+            e = eta[i]
+        else:
+            raise ValueError(f"eta tensor of shape {tuple(eta.shape)} does not fit latents of shape {tuple(x.shape)}")
+    else:
+        e = eta
+    if isinstance(e, torch.Tensor) and e.ndim == 0:
+        e = float(e)
+    return e
+
+
+def _n_eta_steps(eta, x: torch.Tensor) -> Optional[int]:
+    """Number of per-step entries an eta argument holds (None if it is the same every step)."""
+    if isinstance(eta, (list, tuple)):
+        return len(eta)
+    if isinstance(eta, torch.Tensor) and (eta.ndim == 1 or eta.ndim == x.ndim + 1):
+        return eta.shape[0]
+    return None
+
+
+# ----------------------------------------------------------------------------- the step
+
+def ancestral_split(sigma, sigma_next, eta):
+    """(I1), (I2): ``(s_up, s_down)`` for a step ``sigma -> sigma_next`` with stochasticity ``eta``.
+
+    ``eta`` is a float (or 0-d tensor) -> Python floats, bit-identical to k-diffusion's
+    ``get_ancestral_step`` (which returns them in the order ``(down, up)``); or a tensor
+    map broadcastable to the latent (Eta §6 per-pixel split) -> float64 tensors of the
+    map's shape.  ``eta > 1`` is clipped by the ``min`` in (I1) (``s_down`` becomes 0),
+    as in k-diffusion.  ``sigma_next == 0`` gives ``(0, 0)``.
+    """
+    s, sn = float(sigma), float(sigma_next)
+    if not (s > 0 and 0 <= sn <= s):
+        raise ValueError(f"an ancestral step needs sigma > 0 and 0 <= sigma_next <= sigma, got {s} -> {sn}")
+    if isinstance(eta, torch.Tensor) and eta.ndim == 0:
+        eta = float(eta)
+    c = (sn ** 2 * (s ** 2 - sn ** 2) / s ** 2) ** 0.5
+    if not isinstance(eta, torch.Tensor):
+        eta = float(eta)
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not eta:
+            return 0.0, sn
+        s_up = min(sn, eta * c)
+        s_down = (sn ** 2 - s_up ** 2) ** 0.5
+        return s_up, s_down
+    e = eta.to(torch.float64)
+    if not torch.isfinite(e).all() or (e < 0).any():
+        raise ValueError("eta maps must be finite and >= 0")
+    s_up = torch.clamp(e * c, max=sn)
+    s_down = (sn ** 2 - s_up ** 2).clamp_min(0.0) ** 0.5
+    return s_up, s_down
+
+
+def _coef(v, x: torch.Tensor):
+    """A split coefficient ready to multiply ``x``: Python float, or a map cast to x's dtype/device."""
+    return v.to(dtype=x.dtype, device=x.device) if isinstance(v, torch.Tensor) else v
+
+
+def ddim_eta_step(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next, eta, noise: Optional[torch.Tensor]):
+    """(I3), (I4): one generalized DDIM step in sigma form, ``x' = D + s_down eps_hat + s_up noise``.
+
+    Equals the VP step of DDPM §0 (``DDIMScheduler.step(eta=eta, variance_noise=noise)``)
+    divided by ``sqrt(abar_p)``.  ``eta``: float or a map broadcastable to ``x`` (per
+    pixel, Eta §6).  ``sigma_next == 0`` returns ``denoised`` (deterministic; the noise
+    is unused).  ``noise`` may be None only where ``s_up == 0`` (eta 0).
+    """
+    sn = float(sigma_next)
+    if sn == 0.0:
+        return denoised
+    s = float(sigma)
+    s_up, s_down = ancestral_split(s, sn, eta)
+    eps_hat = (x - denoised) / s                                              # (I3)
+    out = denoised + _coef(s_down, x) * eps_hat
+    has_noise = bool((s_up > 0).any()) if isinstance(s_up, torch.Tensor) else s_up > 0
+    if has_noise:
+        if noise is None:
+            raise ValueError("this step has eta > 0 and needs a noise map")
+        if noise.shape != x.shape:
+            raise ValueError(f"noise map of shape {tuple(noise.shape)} does not match the latent {tuple(x.shape)}")
+        out = out + _coef(s_up, x) * noise.to(dtype=x.dtype, device=x.device)  # (I4)
+    return out
+
+
+# ----------------------------------------------------------------------------- DDIM inversion
+
+def ddim_invert_step(denoise: Callable, x: torch.Tensor, sigma_from, sigma_to):
+    """(I5)-(I7): one "sameshift" DDIM inversion step ``sigma_from -> sigma_to`` (upwards).
+
+    Returns ``(x_next, denoised)``; ``denoised`` is the model's x0 prediction for the
+    rescaled input ``x_in`` at ``sigma_to``.  ``sigma_from`` may be 0 (a sampling list
+    ending at 0: the inversion then starts at the clean latent, as diffusers'
+    ``DDIMInverseScheduler`` with ``set_alpha_to_one=True``).
+    """
+    s_u, s_t = float(sigma_from), float(sigma_to)
+    if not (0 <= s_u < s_t):
+        raise ValueError(f"an inversion step goes up: need 0 <= sigma_from < sigma_to, got {s_u} -> {s_t}")
+    x_in = x * math.sqrt((1.0 + s_t ** 2) / (1.0 + s_u ** 2))                 # (I5)
+    denoised = denoise(x_in, _sigma_in(s_t, x))
+    e = (x_in - denoised) / s_t                                               # (I6)
+    return x + (s_t - s_u) * e, denoised                                      # (I7)
+
+
+@torch.no_grad()
+def ddim_invert(denoise: Callable, x0: torch.Tensor, sigmas, callback: Optional[Callable] = None,
+                interrupt: Optional[Callable] = None) -> torch.Tensor:
+    """Deterministic DDIM inversion ("sameshift", Eta §2 / §6) along a sampling sigma list.
+
+    Walks the sampling list backwards: from ``sigmas[-1]`` (the clean end, ``x0`` is taken
+    to be the k-space sample there) up to ``sigmas[0]`` with (I5)-(I7).  Returns the
+    ladder ``[N+1, *x0.shape]``: ``ladder[0] = x0`` at ``sigmas[-1]`` ... ``ladder[N]`` = the
+    start latent at ``sigmas[0]``.
+
+    Equals diffusers' ``DDIMInverseScheduler`` (0.42.x, which steps from ``t - ratio`` to
+    ``t`` with the UNet called at ``t``) on the same timesteps after the VP <-> k scaling
+    (S3); its initial level ``initial_alpha_cumprod`` corresponds to ``sigmas[-1]``
+    (``set_alpha_to_one=False`` -> ``s_final = sigma(t=0)``, ``True`` -> sigma 0).
+
+    ``callback(dict)`` is called after every step with ``i`` (0-based inversion step),
+    ``x`` (the new latent), ``sigma`` (its level), ``sigma_from``, ``denoised``, ``total``.
+    ``interrupt()`` is called before every model evaluation; it may raise, or return True
+    to raise ``InterruptedError``.  Nothing is returned on interruption.
+    """
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    x0 = _work_dtype(x0)
+    ladder = x0.new_empty((n + 1, *x0.shape))
+    ladder[0] = x0
+    x = x0
+    for k in range(n):
+        _check_interrupt(interrupt)
+        s_from, s_to = s[n - k], s[n - k - 1]
+        x, denoised = ddim_invert_step(denoise, x, s_from, s_to)
+        ladder[k + 1] = x
+        if callback is not None:
+            callback({"i": k, "x": x, "sigma": s_to, "sigma_from": s_from, "denoised": denoised, "total": n})
+    return ladder
+
+
+# ----------------------------------------------------------------------------- DDPM inversion
+
+@torch.no_grad()
+def ddpm_invert(denoise: Callable, x0: torch.Tensor, sigmas, eta=1.0, generator: Optional[torch.Generator] = None,
+                noise: Optional[torch.Tensor] = None, callback: Optional[Callable] = None,
+                interrupt: Optional[Callable] = None, *, vp_final: bool = False):
+    """Edit-friendly DDPM inversion in sigma form (DDPM §1.2, §1.6): ``(x_start, zs, ladder)``.
+
+    1. Ladder (I8): independent rungs ``x0 + sigmas[i] * n_i`` for ``i < N``; the bottom
+       (level ``sigmas[N]``) is ``x0`` itself.  Noise ``n_i`` is drawn in ``x0.dtype`` with
+       ``generator`` in diffusers' LEdits++ order: one ``x0``-shaped draw per step, from
+       the least noisy step (``i = N-1``) upwards.  Or pass ``noise`` ``[N, *x0.shape]``
+       (``noise[i]`` for the rung at ``sigmas[i]``) and no draw happens.
+    2. For ``i = 0..N-1`` (noisiest first, as the official code): ``D_i = denoise(rung_i)``,
+       ``z_i`` from (I9), then the "correction" (I10) overwrites rung ``i+1`` with exactly
+       what :func:`ddim_eta_step` (and so :func:`replay_sample`) computes, so a replay
+       reproduces every rung bit for bit and ends at ``ladder[0]``.
+
+    Returns ``x_start = ladder[N]`` (the uncorrected top rung, where sampling starts),
+    ``zs [N, *x0.shape]`` with ``zs[i]`` for sampling step ``i`` (= diffusers ``pipe.zs``),
+    and the corrected ladder ``[N+1, ...]`` (``ladder[k]`` at ``sigmas[N-k]``).
+
+    ``eta``: float, per-step sequence / ``[N]`` tensor, or maps (see :func:`replay_sample`);
+    every value must be > 0 (z is divided by ``s_up``): ``ValueError`` otherwise.
+    The papers use eta = 1; other values follow the standard eta^2 DDIM form (DDPM §1.2,
+    not the official code's ``legacy`` direction term).
+
+    Half-precision ``x0`` is upcast: ladder and ``zs`` are float32 at least (DDPM §1.5, §1.7).
+    The official repos zero the last step's z (DDPM §1.2 ``zero_last_noise``); do
+    ``zs[-1].zero_()`` on the result for that behaviour (reconstruction is then not exact).
+
+    Exactness: replaying ``zs`` from ``x_start`` with the same denoiser returns
+    ``ladder[0]``, equal to ``x0`` up to one rounding of (I10) (P1-P3).  If the list ends at
+    sigma 0 the last step is deterministic (``s_up = 0``): ``z = 0`` and ``ladder[0] = D``,
+    so the round trip is NOT exact (DDPM §1.6, testing-offline §6 rule 1).
+
+    ``vp_final=True`` (diffusers parity, DDPM §1.6 "final-level scaling"): diffusers
+    treats ``x0`` as the VP sample at ``abar_final``; in k-space that is
+    ``x0 * sqrt(1 + sigmas[N]^2)`` (S3), which then is the ladder bottom (the rungs stay
+    ``x0 + s_i n_i``).  A replay then returns ``x0 * sqrt(1 + sigmas[N]^2)``; multiply by
+    ``sqrt(abar_final)`` (``k_to_vp``) to get ``x0``.
+
+    ``callback`` gets ``i``, ``x`` (rung i), ``sigma``, ``denoised``, ``z``, ``total`` after
+    every step; ``interrupt`` as in :func:`ddim_invert`.
+    """
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    x0 = _work_dtype(x0)
+    m = _n_eta_steps(eta, x0)
+    if m is not None and m < n:
+        raise ValueError(f"eta has {m} per-step values for {n} steps")
+    etas = [_eta_at(eta, i, x0) for i in range(n)]
+    for i, e in enumerate(etas):
+        bad = bool((e <= 0).any()) if isinstance(e, torch.Tensor) else not float(e) > 0
+        if bad:
+            raise ValueError(f"edit-friendly DDPM inversion needs eta > 0 everywhere (z is divided by "
+                             f"s_up, DDPM §1.7); step {i} has eta <= 0")
+
+    if noise is None:
+        dev = generator.device if generator is not None else x0.device
+        drawn = [None] * n
+        for i in reversed(range(n)):          # least noisy first (diffusers LEdits++ order)
+            drawn[i] = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
+        noise = torch.stack(drawn)
+    elif tuple(noise.shape) != (n, *x0.shape):
+        raise ValueError(f"ladder noise must have shape {(n, *x0.shape)}, got {tuple(noise.shape)}")
+    noise = noise.to(dtype=x0.dtype, device=x0.device)
+
+    ladder = x0.new_empty((n + 1, *x0.shape))
+    ladder[0] = x0 * math.sqrt(1.0 + s[n] ** 2) if vp_final else x0
+    for i in range(n):
+        ladder[n - i] = x0 + s[i] * noise[i]                                  # (I8)
+
+    zs = x0.new_zeros((n, *x0.shape))
+    for i in range(n):
+        _check_interrupt(interrupt)
+        x = ladder[n - i]
+        denoised = denoise(x, _sigma_in(s[i], x))
+        s_up, s_down = ancestral_split(s[i], s[i + 1], etas[i])
+        if s[i + 1] > 0:
+            mean = denoised + _coef(s_down, x) * ((x - denoised) / s[i])
+            zs[i] = (ladder[n - i - 1] - mean) / _coef(s_up, x)               # (I9)
+        ladder[n - i - 1] = ddim_eta_step(x, denoised, s[i], s[i + 1], etas[i], zs[i])   # (I10)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s[i], "denoised": denoised, "z": zs[i], "total": n})
+    return ladder[n].clone(), zs, ladder
+
+
+# ----------------------------------------------------------------------------- replay sampler
+
+@torch.no_grad()
+def replay_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, noises=None, eta=1.0, start=0):
+    """k-diffusion sampler that replays stored noise maps with generalized DDIM steps (I4).
+
+    Signature and callback as k-diffusion's ``sample_euler_ancestral``:
+    ``model(x, sigma * s_in, **extra_args)`` returns the denoised prediction, and
+    ``callback({"x", "i", "sigma", "sigma_hat", "denoised"})`` is called every step
+    (``i`` counts the steps of *this* call from 0; ``sigma_hat == sigma``).  ``disable``
+    (the progress-bar switch) is accepted and ignored: ComfyUI reports progress through
+    the callback.
+
+    Skipping: ``noises`` and per-step ``eta`` are indexed by the step index of the FULL
+    schedule they were made for; ``start`` is the full-schedule index of ``sigmas[0]``.
+    The caller passes ``sigmas[start:]`` (what ComfyUI hands a sampler after SplitSigmas
+    or a start step) and the full ``noises``; step ``j`` of this call uses
+    ``noises[start + j]`` and ``eta[start + j]``.  Keyed by index, never by sigma value.
+
+    ``eta``: float; per-step sequence or ``[N]`` tensor; one map broadcastable to ``x``
+    (``[B, 1, h, w]``); or per-step maps ``[N, B, 1, h, w]``.  ``noises``: ``[N, *x.shape]``
+    (or a sequence); may be None only if every step has eta 0 (plain DDIM).  A step to
+    sigma 0 returns the denoised prediction.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    start = int(start)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if noises is not None and len(noises) < start + n:
+        raise ValueError(f"replay needs noise maps for steps {start}..{start + n - 1} but {len(noises)} are stored")
+    m = _n_eta_steps(eta, x)
+    if m is not None and m < start + n:
+        raise ValueError(f"replay needs eta for steps {start}..{start + n - 1} but {m} are given")
+    for j in range(n):
+        i = start + j
+        denoised = model(x, _sigma_in(s[j], x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": j, "sigma": sigmas[j], "sigma_hat": sigmas[j], "denoised": denoised})
+        x = ddim_eta_step(x, denoised, s[j], s[j + 1], _eta_at(eta, i, x), None if noises is None else noises[i])
+    return x
+
+
+# ----------------------------------------------------------------------------- Eta Inversion
+
+def select_candidate(n_star: torch.Tensor, candidates: torch.Tensor):
+    """(I12): per batch element, the candidate closest to ``n_star`` in mean squared difference.
+
+    ``candidates [K, B, ...]``, ``n_star [B, ...]`` -> ``(selected [B, ...], index [B], loss [K, B])``.
+    The reference has batch 1; selecting per image is our choice (images are independent).
+    Ties go to the lowest index (``argmin``).
+    """
+    loss = reduce((candidates - n_star.unsqueeze(0)) ** 2, "k b ... -> k b", "mean")
+    idx = loss.argmin(dim=0)
+    sel = candidates[idx, torch.arange(candidates.shape[1], device=candidates.device)]
+    return sel, idx, loss
+
+
+@torch.no_grad()
+def eta_inversion_noises(denoise_src: Callable, ladder: torch.Tensor, sigmas, eta_fn_or_per_step,
+                         eta_mask: Optional[torch.Tensor] = None, candidates: int = 10,
+                         generator: Optional[torch.Generator] = None, store_optimal: bool = False, *,
+                         schedule=None, return_indices: bool = False, callback: Optional[Callable] = None,
+                         interrupt: Optional[Callable] = None):
+    """Eta Inversion noise selection (Eta §3 steps 2-6 in sigma form, §6): ``(noises, etas)``.
+
+    ``ladder`` is :func:`ddim_invert`'s output on the same ``sigmas``.  For each sampling
+    step ``i`` (source anchored to ``ladder[N-i]``, Eta §3 step 8):
+
+    1. ``eta_i``: ``eta_fn_or_per_step`` is a callable of the timestep (evaluated with
+       :func:`~.eta.per_step_eta` at ``schedule.timestep(sigmas[i])``; ``schedule`` defaults
+       to ``denoise_src.schedule``), a float, or ``N`` per-step scalars.
+    2. ``K = candidates`` maps are drawn with ``generator`` as ONE ``randn((K, *x.shape))``
+       call in the latent's dtype (the reference's stream for batch 1), every step, also
+       when ``eta_i == 0``, so later draws do not depend on eta.
+    3. If ``s_up(eta_i) > 0``: ``D_src = denoise_src(ladder[N-i])``, ``n*`` by (I11) with
+       the scalar ``eta_i`` (as the reference, also in mask mode), and (I12) per image.
+       With ``store_optimal=True`` (our extension, not in the paper) the source is
+       anchored instead at the rung the replay computes, ``ddim_eta_step(.., n*)``, which is
+       one rounding away from ``L[N-i-1]`` (as the DDPM "correction" I10), so the replay
+       follows the chain bit for bit; after an eta-0 step the anchor is ``L`` again.
+       If ``s_up == 0`` (``eta_i == 0`` or a step to sigma 0) the noise is irrelevant
+       (coefficient 0; the reference's 0/0): no model call, the stored noise is zeros
+       and the index -1 (our guard).
+
+    Returns ``noises [N, *x.shape]`` (selected candidates, or ``n*`` itself with
+    ``store_optimal=True``) and ``etas``: float32 ``[N]``, or with ``eta_mask`` (``[B, 1,
+    h, w]``, binary in the paper) the maps ``[N, B, 1, h, w] = M * eta_i`` (E-2).  With
+    ``return_indices=True`` also the selected indices ``[N, B]`` (long, -1 where skipped).
+
+    Guarantees (tested): with ``eta == 0`` everywhere the noises are zeros and replaying
+    them is exactly deterministic DDIM from ``ladder[N]``.  With ``store_optimal=True``,
+    ``eta_i > 0`` on every step and no mask (or an all-ones mask), replaying reconstructs
+    the ladder (the source) to float rounding, like DDPM inversion; where eta is 0 the
+    replay is plain DDIM and inherits DDIM inversion's error (not exact).
+    """
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    ladder = _work_dtype(ladder)
+    if ladder.shape[0] != n + 1:
+        raise ValueError(f"ladder has {ladder.shape[0]} levels, sigmas need {n + 1}")
+    k_count = int(candidates)
+    if k_count < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+
+    if callable(eta_fn_or_per_step):
+        sched = schedule if schedule is not None else getattr(denoise_src, "schedule", None)
+        if sched is None:
+            raise ValueError("an eta function of the timestep needs the model's schedule (schedule=...)")
+        etas = per_step_eta(eta_fn_or_per_step, s, sched)
+    else:
+        e = torch.as_tensor(eta_fn_or_per_step, dtype=torch.float32).flatten()
+        if e.numel() == 1:
+            e = e.expand(n)
+        if e.numel() != n:
+            raise ValueError(f"eta has {e.numel()} per-step values for {n} steps")
+        if not torch.isfinite(e).all() or (e < 0).any():
+            raise ValueError("eta values must be finite and >= 0")
+        etas = e.clone()
+
+    x_shape = tuple(ladder.shape[1:])
+    dev = generator.device if generator is not None else ladder.device
+    noises = ladder.new_zeros((n, *x_shape))
+    indices = torch.full((n, x_shape[0]), -1, dtype=torch.long)
+    x_src = ladder[n]
+    for i in range(n):
+        _check_interrupt(interrupt)
+        cand = torch.randn((k_count, *x_shape), generator=generator, dtype=ladder.dtype, device=dev).to(ladder.device)
+        eta_i = float(etas[i])
+        s_up, s_down = ancestral_split(s[i], s[i + 1], eta_i)
+        x_next = ladder[n - i - 1]
+        if s_up > 0:
+            d_src = denoise_src(x_src, _sigma_in(s[i], x_src))
+            mean = d_src + s_down * ((x_src - d_src) / s[i])
+            n_star = (ladder[n - i - 1] - mean) / s_up                         # (I11)
+            if store_optimal:
+                noises[i] = n_star
+                # the rung a replay computes (one rounding away from L[N-i-1]); anchoring the
+                # next step there makes the replay follow this chain bit for bit (cf. I10)
+                x_next = ddim_eta_step(x_src, d_src, s[i], s[i + 1], eta_i, n_star)
+            else:
+                noises[i], idx, _ = select_candidate(n_star, cand)            # (I12)
+                indices[i] = idx.cpu()
+        x_src = x_next
+        if callback is not None:
+            callback({"i": i, "sigma": s[i], "eta": eta_i, "noise": noises[i], "total": n})
+    if eta_mask is not None:
+        etas = eta_with_mask(etas, eta_mask)
+    if return_indices:
+        return noises, etas, indices
+    return noises, etas
