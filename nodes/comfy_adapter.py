@@ -244,3 +244,117 @@ def progress_bar(total: int):
 
 def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# -- running our own sampler functions inside ComfyUI's sampling machinery ------------------
+def run_with_guider(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor, fn,
+                    seed: int = 0):
+    """Run ``fn(denoise, x, sigmas)`` as the sampler function of a core CFGGuider.
+
+    ComfyUI prepares everything as for a normal run (conds, LoRA and hook patches, device
+    placement, ``process_latent_in``); ``x`` is the k-space latent (``noise`` is zero, so
+    ``x = latent``) and ``denoise(x, sigma)`` the CFG-guided x0 prediction.  ``fn`` returns
+    ``(result, x_out)``; returns ``(result, latent_out)`` with ``process_latent_out`` applied.
+    """
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    box = {}
+
+    def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+
+        def denoise(xx, s):
+            return model_k(xx, s, **extra_args)
+
+        box["result"], x_out = fn(denoise, x, sigmas)
+        return x_out
+
+    out = guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(sampler_fn), sigmas,
+                        disable_pbar=True, seed=seed)
+    return box["result"], out
+
+
+def ksampler(fn, **extra_options):
+    """A SAMPLER object for core SamplerCustomAdvanced over a k-diffusion function."""
+    return comfy.samplers.KSAMPLER(fn, extra_options=extra_options)
+
+
+def inner_base_model(model_k):
+    """The BaseModel behind the ``model`` a KSAMPLER function receives."""
+    m = model_k
+    for _ in range(4):
+        if hasattr(m, "model_sampling") and hasattr(m, "diffusion_model"):
+            return m
+        m = getattr(m, "inner_model", None)
+        if m is None:
+            break
+    return None
+
+
+def fingerprint(model) -> dict:
+    """Family + a hash of weights LoRAs leave alone (conv_in and the output conv).
+
+    Taken from the ModelPatcher's backup when those weights are currently patched, so a
+    LoRA loaded on top does not change it.
+    """
+    import hashlib
+
+    base = model.model if hasattr(model, "model") else model
+    dm = base.diffusion_model
+    h = hashlib.sha1()
+    backup = getattr(model, "backup", {}) or {}
+    for key, w in (("diffusion_model.input_blocks.0.0.weight", dm.input_blocks[0][0].weight),
+                   ("diffusion_model.out.2.weight", dm.out[2].weight)):
+        if key in backup:
+            w = backup[key].weight
+        t = w.detach().float().flatten()
+        h.update(str(tuple(w.shape)).encode())
+        h.update(t[:: max(1, t.numel() // 4096)].cpu().numpy().tobytes())
+    return {"family": type(base).__name__, "weights": h.hexdigest()[:16]}
+
+
+def process_latent_out(model, x: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_out(x)
+
+
+def interrupt_check():
+    """For kernels' ``interrupt`` hooks: raises ComfyUI's interrupt exception."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return False
+
+
+def register_folder(name: str, subdir: str) -> str:
+    """Register ``models/<subdir>`` as model folder ``name`` (safetensors only)."""
+    import os
+
+    import folder_paths
+
+    path = os.path.join(folder_paths.models_dir, subdir)
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([path], {".safetensors"})
+    return path
+
+
+def folder_files(name: str) -> list:
+    import folder_paths
+
+    return folder_paths.get_filename_list(name)
+
+
+def folder_file_path(name: str, filename: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise(name, filename)
+
+
+def folder_dirs(name: str) -> list:
+    import folder_paths
+
+    return list(folder_paths.folder_names_and_paths[name][0])
+
+
+def patcher_of(model_k):
+    """The ModelPatcher behind a KSAMPLER function's ``model`` (via the guider), or None."""
+    guider = getattr(model_k, "inner_model", None)
+    return getattr(guider, "model_patcher", None)

@@ -1,0 +1,339 @@
+"""Invert, the replay SAMPLER, EtaSchedule, and saving/loading inversions.
+
+Invert runs one of three inversions of a photo's latent along the user's SIGMAS inside
+ComfyUI's own sampling machinery (a core CFGGuider with the source conditioning and CFG):
+
+* ``ddim`` — deterministic DDIM inversion (Eta Inversion spec §2);
+* ``ddpm`` — edit-friendly DDPM inversion with per-step noise maps (DDPM spec §1);
+* ``eta``  — Eta Inversion: DDIM ladder, then per-step noise chosen among seeded
+  candidates (or the optimal noise itself) with a time- and region-dependent eta.
+
+The INVERSION it returns is replayed by **Inversion Sampler** inside core
+``SamplerCustomAdvanced``, so any GUIDER edits: CFGGuider with a target prompt is
+DDPM-inversion editing; SemanticGuide gives LEDITS.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from comfy_api.latest import io
+
+from ..kernels import eta as keta
+from ..kernels import inversion as kinv
+from ..kernels import maps as kmaps
+from ..kernels.inversion_state import Inversion, load_inversion, save_inversion
+from . import comfy_adapter as ca
+from .attention_mask import CAPTURE
+
+INVERSION = io.Custom("PHOTOOPS_INVERSION")
+ETA_SCHEDULE = io.Custom("PHOTOOPS_ETA_SCHEDULE")
+FOLDER = "photoops_inversions"
+
+
+def _prepare_sigmas(model, sigmas: torch.Tensor) -> tuple:
+    """Validate SIGMAS; a final 0 becomes the model's smallest sigma (exact replay needs s_final > 0)."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    if s.numel() < 2:
+        raise ValueError("SIGMAS must hold at least two values (one step)")
+    replaced = False
+    if s[-1] == 0:
+        s_min = float(ca.vp_schedule(model).sigma_min)
+        if s.numel() > 2 and s[-2] <= s_min:
+            raise ValueError("the last non-zero sigma is already at the model's minimum; drop the final 0")
+        s = s.clone()
+        s[-1] = s_min
+        replaced = True
+    if not torch.all(s[:-1] > s[1:]):
+        raise ValueError(f"SIGMAS must be strictly decreasing (a sampling schedule), got {s.tolist()[:6]}...")
+    return s, replaced
+
+
+def _region_mask(capture, latent_hw, threshold: float) -> torch.Tensor:
+    """Eta §4.2: mean inversion-time map, max-normalised, bicubic to latent size, > threshold."""
+    rec = capture.recorder
+    if rec.calls == 0:
+        raise RuntimeError(f"the region capture recorded nothing for {capture.word!r}: give Invert the MODEL "
+                           f"that comes out of Attention Capture")
+    a = kmaps.normalize_max(rec.result())
+    a = torch.nn.functional.interpolate(a[:, None], size=tuple(latent_hw), mode="bicubic", align_corners=False)
+    return (a.clamp(0, 1) > threshold).float()
+
+
+class InvertNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_Invert",
+            display_name="Invert",
+            category="PhotoOps/inversion",
+            description="Inverts a photo's latent along your SIGMAS (DDIM, edit-friendly DDPM or Eta Inversion). "
+                        "Replay the INVERSION with Inversion Sampler in SamplerCustomAdvanced and any guider.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL model (cloned, never changed)."),
+                io.Conditioning.Input("positive", tooltip="Source prompt describing the photo (may be empty)."),
+                io.Conditioning.Input("negative", tooltip="Negative / unconditional prompt, used when source_cfg != 1."),
+                io.Latent.Input("latent", tooltip="The photo encoded with VAE Encode."),
+                io.Sigmas.Input("sigmas", tooltip="The sampling schedule (e.g. BasicScheduler). Replay with the same "
+                                                  "SIGMAS. A final 0 is replaced by the model's smallest sigma so the "
+                                                  "last step can be inverted exactly."),
+                io.Combo.Input("method", options=["ddpm", "eta", "ddim"], default="ddpm",
+                               tooltip="ddpm: edit-friendly DDPM inversion (exact, stores noise maps). eta: Eta "
+                                       "Inversion (time/region-dependent eta). ddim: deterministic DDIM inversion."),
+                io.Int.Input("skip", default=0, min=0, max=1000,
+                             tooltip="Steps to skip at the start of replay (DDPM paper: 36 of 100). More skip keeps "
+                                     "more of the photo's structure."),
+                io.Float.Input("source_cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG of the source prompt during inversion (1 = positive only). Replaying with "
+                                       "the same prompt and CFG reconstructs the photo."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the noise ladder (ddpm) or of the candidate noises (eta)."),
+                ETA_SCHEDULE.Input("eta_schedule", optional=True,
+                                   tooltip="From Eta Schedule. eta method: its eta(t) (default: linear 0 -> 0.4). "
+                                           "ddpm method: per-step eta (default 1)."),
+                CAPTURE.Input("region", optional=True,
+                              tooltip="eta method: an Attention Capture of the edit word, recorded during this "
+                                      "inversion (give Invert that capture's MODEL); eta is 0 outside its mask."),
+                io.Float.Input("region_threshold", default=0.2, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="eta method: mask = max-normalised map > threshold (paper: 0.2)."),
+                io.Int.Input("candidates", default=10, min=1, max=1000, optional=True,
+                             tooltip="eta method: noise candidates per step (paper: 10); 1 = plain random noise."),
+                io.Boolean.Input("store_optimal_noise", default=False, optional=True,
+                                 tooltip="eta method: store the optimal noise instead of the best candidate; replay "
+                                         "then reconstructs the photo exactly wherever eta > 0."),
+            ],
+            outputs=[
+                INVERSION.Output(display_name="inversion", tooltip="Replay with Inversion Sampler; save with Save "
+                                                                   "Inversion."),
+                io.Latent.Output(display_name="start_latent", tooltip="The inverted latent where replay starts "
+                                                                      "(after skip)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, sigmas, method, skip, source_cfg, seed,
+                eta_schedule=None, region=None, region_threshold=0.2, candidates=10,
+                store_optimal_noise=False) -> io.NodeOutput:
+        ca.ensure_supported(model)
+        samples = latent["samples"]
+        ca.check_latent(model, samples)
+        s, replaced = _prepare_sigmas(model, sigmas)
+        n = s.numel() - 1
+        if not 0 <= skip < n:
+            raise ValueError(f"skip ({skip}) must be smaller than the number of steps ({n})")
+        if region is not None and method != "eta":
+            raise ValueError("a region capture only applies to the eta method")
+        if method == "eta" and region is not None and eta_schedule is not None and eta_schedule.get("mask") is not None:
+            raise ValueError("give either a region capture or an Eta Schedule mask, not both")
+        schedule = ca.vp_schedule(model)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        pbar = ca.progress_bar(2 * n if method == "eta" else n)
+
+        def tick(_):
+            pbar.update(1)
+
+        def work(denoise, x, sig):
+            x = x.float()
+            if method == "ddpm":
+                eta = 1.0
+                if eta_schedule is not None:
+                    eta = keta.per_step_eta(eta_schedule["fn"], s, schedule)
+                x_start, zs, ladder = kinv.ddpm_invert(denoise, x, sig, eta=eta, generator=gen, callback=tick,
+                                                       interrupt=ca.interrupt_check)
+                noises, etas = zs, torch.as_tensor(eta, dtype=torch.float32).expand(n).clone()
+            elif method == "ddim":
+                ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=ca.interrupt_check)
+                noises, etas = None, torch.zeros(n)
+            else:
+                ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=ca.interrupt_check)
+                fn = eta_schedule["fn"] if eta_schedule is not None else keta.PRESETS["linear_default"]
+                mask = None
+                if region is not None:
+                    mask = _region_mask(region, x.shape[-2:], region_threshold)
+                elif eta_schedule is not None and eta_schedule.get("mask") is not None:
+                    mask = kmaps.resize_map(eta_schedule["mask"].float(), x.shape[-2:], mode="bilinear")[:, None]
+                    mask = (mask > 0.5).float()
+                    if mask.shape[0] not in (1, x.shape[0]):
+                        raise ValueError(f"the eta mask has {mask.shape[0]} images, the latent {x.shape[0]}")
+                noises, etas = kinv.eta_inversion_noises(
+                    denoise, ladder, sig, keta.per_step_eta(fn, s, schedule), eta_mask=mask,
+                    candidates=candidates, generator=gen, store_optimal=store_optimal_noise, callback=tick,
+                    interrupt=ca.interrupt_check)
+            x_start = ladder[n - skip].clone()
+            return (x_start, noises, etas), x_start
+
+        (x_start, noises, etas), out = ca.run_with_guider(model, positive, negative, source_cfg, samples,
+                                                           s.float(), work, seed=seed)
+        source = {"positive": positive[0][0].detach().float().cpu()} if positive else {}
+        inv = Inversion(method=method, sigmas=s, x_start=x_start.float().cpu(), skip=int(skip),
+                        noises=None if noises is None else noises.float().cpu(),
+                        eta=etas.float().cpu() if etas is not None else None, source_cfg=float(source_cfg),
+                        seed=int(seed), fingerprint=ca.fingerprint(model), source=source,
+                        info={"final_zero_replaced": replaced, "candidates": int(candidates),
+                              "store_optimal_noise": bool(store_optimal_noise)})
+        return io.NodeOutput(inv, {"samples": out})
+
+
+def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None):
+    """k-diffusion sampler function: replay ``inversion`` (see InversionSamplerNode)."""
+    inv: Inversion = inversion
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    if inv.info.get("final_zero_replaced") and s.numel() and s[-1] == 0:
+        s = s.clone()
+        s[-1] = inv.sigmas[-1]
+    full = inv.steps + 1
+    if s.numel() == full:
+        inv.check_replay(s, x.shape)
+        start = inv.skip
+    elif s.numel() == full - inv.skip:
+        inv.check_replay(torch.cat([inv.sigmas[: inv.skip].double(), s]), x.shape)
+        start = inv.skip
+    else:
+        inv.check_replay(s, x.shape)          # raises, naming the sigma mismatch
+        start = inv.skip
+    patcher = ca.patcher_of(model)
+    if patcher is not None:
+        inv.check_replay(inv.sigmas, fingerprint=ca.fingerprint(patcher))
+    run = inv.sigmas[start:].to(sigmas.dtype).to(sigmas.device)
+    x0 = inv.x_start.to(device=x.device, dtype=x.dtype)
+    noises = None if inv.noises is None else inv.noises.to(device=x.device, dtype=x.dtype)
+    eta = inv.eta.to(device=x.device) if inv.eta is not None else 0.0
+    return kinv.replay_sample(model, x0, run, extra_args=extra_args, callback=callback, disable=disable,
+                              noises=noises, eta=eta, start=start)
+
+
+class InversionSamplerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_InversionSampler",
+            display_name="Inversion Sampler",
+            category="PhotoOps/inversion",
+            description="A SAMPLER for SamplerCustomAdvanced that replays an INVERSION: it starts from the inverted "
+                        "latent and uses the stored noise maps, so with the source prompt it reconstructs the photo and "
+                        "with another guider it edits it. Use Disable Noise and the SIGMAS given to Invert.",
+            inputs=[INVERSION.Input("inversion", tooltip="From Invert or Load Inversion.")],
+            outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, inversion) -> io.NodeOutput:
+        return io.NodeOutput(ca.ksampler(_replay, inversion=inversion))
+
+
+_PRESET_NAMES = ["linear_default", "paper_A", "paper_B", "constant", "custom"]
+
+
+def parse_points(text: str) -> list:
+    """``"0:0, 0.6:0, 1:0.7"`` -> ``[(0, 0), (0.6, 0), (1, 0.7)]`` (u = t/999, eta)."""
+    pts = []
+    for part in re.split(r"[,;\n]+", text.strip()):
+        if not part.strip():
+            continue
+        bits = part.replace("=", ":").split(":")
+        if len(bits) != 2:
+            raise ValueError(f"custom eta point {part.strip()!r} is not 'u:eta' (e.g. '0.6:0, 1:0.7')")
+        try:
+            pts.append((float(bits[0]), float(bits[1])))
+        except ValueError:
+            raise ValueError(f"custom eta point {part.strip()!r} is not two numbers") from None
+    if not pts:
+        raise ValueError("custom eta curve needs at least one 'u:eta' point")
+    return pts
+
+
+def build_schedule(preset: str, eta: float, points: str, power: float):
+    if preset == "constant":
+        return keta.custom_points([(0.0, eta)])
+    if preset == "custom":
+        return keta.custom_points(parse_points(points))
+    if preset in ("paper_A", "paper_B", "linear_default"):
+        f = keta.PRESETS[preset]
+        return keta.eta_time_function(f.u1, f.y1, f.u2, f.y2, power) if power != 1.0 else f
+    raise ValueError(f"unknown eta preset {preset!r}")
+
+
+class EtaScheduleNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_EtaSchedule",
+            display_name="Eta Schedule",
+            category="PhotoOps/inversion",
+            description="A time-dependent eta for Eta Inversion (and for DDPM inversion), optionally limited to a "
+                        "region by a MASK: eta is 0 (pure DDIM, background kept) outside it.",
+            inputs=[
+                io.Combo.Input("preset", options=_PRESET_NAMES, default="linear_default",
+                               tooltip="linear_default: 0 at t=0 -> 0.4 at t=999 (the Eta Inversion code's default). "
+                                       "paper_A: 0 until u=0.6, then up to 0.7 (strong edits). paper_B: 0 until u=0.3, "
+                                       "then up to 0.2 (subtle edits). constant: eta everywhere. custom: points."),
+                io.Float.Input("eta", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="constant preset: eta at every step (0 = DDIM, 1 = DDPM)."),
+                io.String.Input("points", default="0:0, 0.6:0, 1:0.7",
+                                tooltip="custom preset: 'u:eta' pairs with u = t/999 (0 = clean end, 1 = noisiest); "
+                                        "linear in between, constant outside."),
+                io.Float.Input("power", default=1.0, min=0.05, max=10.0, step=0.05,
+                               tooltip="paper presets: exponent of the ramp (1 = linear, as in the paper)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional region: eta applies inside (mask > 0.5), 0 outside."),
+            ],
+            outputs=[ETA_SCHEDULE.Output(display_name="eta_schedule", tooltip="Connect to Invert.")],
+        )
+
+    @classmethod
+    def execute(cls, preset, eta, points, power, mask=None) -> io.NodeOutput:
+        fn = build_schedule(preset, eta, points, power)
+        return io.NodeOutput({"fn": fn, "mask": None if mask is None else mask.float().cpu(), "preset": preset})
+
+
+class SaveInversionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_SaveInversion",
+            display_name="Save Inversion",
+            category="PhotoOps/inversion",
+            description=f"Saves an INVERSION as safetensors into models/{FOLDER}, so a photo is inverted once and "
+                        f"edited many times, or on another machine.",
+            inputs=[
+                INVERSION.Input("inversion", tooltip="From Invert."),
+                io.String.Input("filename_prefix", default="inversion",
+                                tooltip="File name prefix; a counter is appended (prefix_00001.safetensors)."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
+        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", filename_prefix.strip()) or "inversion"
+        folder = ca.register_folder(FOLDER, FOLDER)
+        os.makedirs(folder, exist_ok=True)
+        i = 1
+        while os.path.exists(os.path.join(folder, f"{prefix}_{i:05d}.safetensors")):
+            i += 1
+        path = save_inversion(inversion, os.path.join(folder, f"{prefix}_{i:05d}.safetensors"))
+        return io.NodeOutput(ui={"text": [os.path.basename(path)]})
+
+
+class LoadInversionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        ca.register_folder(FOLDER, FOLDER)
+        return io.Schema(
+            node_id="PhotoOps_LoadInversion",
+            display_name="Load Inversion",
+            category="PhotoOps/inversion",
+            description=f"Loads an INVERSION saved by Save Inversion from models/{FOLDER}.",
+            inputs=[io.Combo.Input("inversion_file", options=ca.folder_files(FOLDER),
+                                   tooltip=f"A .safetensors file in models/{FOLDER}.")],
+            outputs=[INVERSION.Output(display_name="inversion", tooltip="Replay with Inversion Sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, inversion_file) -> io.NodeOutput:
+        return io.NodeOutput(load_inversion(ca.folder_file_path(FOLDER, inversion_file)))
+
+
+NODES = [InvertNode, InversionSamplerNode, EtaScheduleNode, SaveInversionNode, LoadInversionNode]
