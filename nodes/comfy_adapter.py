@@ -325,15 +325,23 @@ def interrupt_check():
 
 
 def register_folder(name: str, subdir: str) -> str:
-    """Register ``models/<subdir>`` as model folder ``name`` (safetensors only)."""
+    """Register ``models/<subdir>`` and ``output/<subdir>`` as model folder ``name`` (safetensors).
+
+    Returns the output-side folder, where our save nodes write (like Save Image does);
+    loaders list both.  Users can add more roots in extra_model_paths.yaml under ``name``.
+    """
     import os
 
     import folder_paths
 
-    path = os.path.join(folder_paths.models_dir, subdir)
+    out = os.path.join(folder_paths.get_output_directory(), subdir)
+    paths = [os.path.join(folder_paths.models_dir, subdir), out]
     if name not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[name] = ([path], {".safetensors"})
-    return path
+        folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
+    else:
+        have = folder_paths.folder_names_and_paths[name][0]
+        have.extend(p for p in paths if p not in have)
+    return out
 
 
 def folder_files(name: str) -> list:

@@ -294,8 +294,8 @@ class SaveInversionNode(io.ComfyNode):
             node_id="PhotoOps_SaveInversion",
             display_name="Save Inversion",
             category="PhotoOps/inversion",
-            description=f"Saves an INVERSION as safetensors into models/{FOLDER}, so a photo is inverted once and "
-                        f"edited many times, or on another machine.",
+            description=f"Saves an INVERSION as safetensors into output/{FOLDER}, so a photo is inverted once and "
+                        f"edited many times, or on another machine (copy it to models/{FOLDER} there).",
             inputs=[
                 INVERSION.Input("inversion", tooltip="From Invert."),
                 io.String.Input("filename_prefix", default="inversion",
@@ -325,9 +325,9 @@ class LoadInversionNode(io.ComfyNode):
             node_id="PhotoOps_LoadInversion",
             display_name="Load Inversion",
             category="PhotoOps/inversion",
-            description=f"Loads an INVERSION saved by Save Inversion from models/{FOLDER}.",
+            description=f"Loads an INVERSION saved by Save Inversion (from output/{FOLDER} or models/{FOLDER}).",
             inputs=[io.Combo.Input("inversion_file", options=ca.folder_files(FOLDER),
-                                   tooltip=f"A .safetensors file in models/{FOLDER}.")],
+                                   tooltip=f"A .safetensors file in output/{FOLDER} or models/{FOLDER}.")],
             outputs=[INVERSION.Output(display_name="inversion", tooltip="Replay with Inversion Sampler.")],
         )
 

@@ -105,7 +105,121 @@ def attention_mask() -> dict:
                      "Attention Mask turns the recording into a mask and a heat map.")
 
 
-WORKFLOWS = {"attention_mask.json": attention_mask}
+PHOTO = "photoops_example.png"
+SOURCE = "a red circle on a blue background"
+TARGET = "a green circle on a blue background"
+
+
+def _photo_and_prompts(g: Graph, source: str, target: str | None):
+    """Checkpoint, Load Image -> VAE Encode, source / target / empty prompts."""
+    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+                  widgets=[CKPT], pos=(20, 40))
+    img = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=[PHOTO, "image"],
+                 pos=(20, 220), size=(300, 320), title="Your photo")
+    enc = g.node("VAEEncode", inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
+                 pos=(360, 420), size=(210, 46))
+    src = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                 widgets=[source], pos=(360, 40), title="Source prompt (describes the photo)", size=(380, 120))
+    neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                 widgets=[""], pos=(360, 200), title="Negative prompt", size=(380, 100))
+    g.link(ckpt, 1, src, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    g.link(img, 0, enc, "pixels")
+    g.link(ckpt, 2, enc, "vae")
+    tgt = None
+    if target is not None:
+        tgt = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                     widgets=[target], pos=(360, 320), title="Target prompt (the edit)", size=(380, 90))
+        g.link(ckpt, 1, tgt, "clip")
+    return ckpt, img, enc, src, neg, tgt
+
+
+def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_invert, method, skip, replay_cfg,
+                       steps=12, eta_schedule=None, region=None, prefix="photoops_inversion"):
+    sched = g.node("BasicScheduler", inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
+                   widgets=["normal", steps, 1.0], pos=(800, 620), size=(300, 110))
+    inv = g.node("PhotoOps_Invert",
+                 inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                         ("latent", "LATENT"), ("sigmas", "SIGMAS"), ("eta_schedule", "PHOTOOPS_ETA_SCHEDULE"),
+                         ("region", "PHOTOOPS_ATTENTION_CAPTURE")],
+                 outputs=[("inversion", "PHOTOOPS_INVERSION"), ("start_latent", "LATENT")],
+                 widgets=[method, skip, 1.0, 0, "fixed", 0.2, 10, False], pos=(1140, 300), size=(320, 330))
+    smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION")],
+                 outputs=[("SAMPLER", "SAMPLER")], pos=(1500, 300), size=(260, 46))
+    guider = g.node("CFGGuider", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
+                                         ("negative", "CONDITIONING")], outputs=[("GUIDER", "GUIDER")],
+                    widgets=[replay_cfg], pos=(1500, 100), size=(260, 100))
+    noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")], pos=(1500, 20), size=(210, 30))
+    sca = g.node("SamplerCustomAdvanced", inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                                                  ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], pos=(1800, 100), size=(270, 120))
+    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 pos=(2100, 100), size=(210, 46))
+    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=[prefix], pos=(2340, 100), size=(260, 280))
+    g.link(ckpt, 0, sched, "model")
+    g.link(model_for_invert[0], model_for_invert[1], inv, "model")
+    g.link(src, 0, inv, "positive")
+    g.link(neg, 0, inv, "negative")
+    g.link(enc, 0, inv, "latent")
+    g.link(sched, 0, inv, "sigmas")
+    if eta_schedule is not None:
+        g.link(eta_schedule, 0, inv, "eta_schedule")
+    if region is not None:
+        g.link(region[0], region[1], inv, "region")
+    g.link(inv, 0, smp, "inversion")
+    g.link(ckpt, 0, guider, "model")
+    g.link(guide_pos, 0, guider, "positive")
+    g.link(neg, 0, guider, "negative")
+    g.link(noise, 0, sca, "noise")
+    g.link(guider, 0, sca, "guider")
+    g.link(smp, 0, sca, "sampler")
+    g.link(sched, 0, sca, "sigmas")
+    g.link(inv, 1, sca, "latent_image")
+    g.link(sca, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return inv
+
+
+def inversion_reconstruct() -> dict:
+    g = Graph()
+    ckpt, img, enc, src, neg, _ = _photo_and_prompts(g, SOURCE, None)
+    _invert_and_replay(g, ckpt, enc, src, neg, src, (ckpt, 0), "ddpm", 0, 1.0, prefix="photoops_reconstruction")
+    return g.to_json("Edit-friendly DDPM inversion replayed with the source prompt and CFG 1: the output equals the "
+                     "photo (up to VAE encode/decode). Use the same SIGMAS for Invert and SamplerCustomAdvanced.")
+
+
+def inversion_ddpm_edit() -> dict:
+    g = Graph()
+    ckpt, img, enc, src, neg, tgt = _photo_and_prompts(g, SOURCE, TARGET)
+    _invert_and_replay(g, ckpt, enc, src, neg, tgt, (ckpt, 0), "ddpm", 3, 5.0, prefix="photoops_ddpm_edit")
+    return g.to_json("DDPM-inversion editing (Huberman-Spiegelglas et al.): invert with the source prompt, replay the "
+                     "noise maps with the target prompt. skip keeps structure; the target CFG sets the strength.")
+
+
+def inversion_eta_edit() -> dict:
+    g = Graph()
+    ckpt, img, enc, src, neg, tgt = _photo_and_prompts(g, SOURCE, TARGET)
+    cap = g.node("PhotoOps_AttentionCapture", inputs=[("model", "MODEL"), ("clip", "CLIP")],
+                 outputs=[("MODEL", "MODEL"), ("capture", "PHOTOOPS_ATTENTION_CAPTURE")],
+                 widgets=[SOURCE, "red circle", "lowres", 0.0, 1.0], pos=(800, 40), size=(300, 220),
+                 title="Edit region: the source word")
+    eta = g.node("PhotoOps_EtaSchedule", inputs=[("mask", "MASK")], outputs=[("eta_schedule", "PHOTOOPS_ETA_SCHEDULE")],
+                 widgets=["paper_A", 0.4, "0:0, 0.6:0, 1:0.7", 1.0], pos=(800, 300), size=(300, 260))
+    g.link(ckpt, 0, cap, "model")
+    g.link(ckpt, 1, cap, "clip")
+    inv = _invert_and_replay(g, ckpt, enc, src, neg, tgt, (cap, 0), "eta", 0, 5.0, eta_schedule=eta,
+                             region=(cap, 1), prefix="photoops_eta_edit")
+    save = g.node("PhotoOps_SaveInversion", inputs=[("inversion", "PHOTOOPS_INVERSION")], widgets=["photoops_eta"],
+                  pos=(1500, 420), size=(260, 60))
+    g.link(inv, 0, save, "inversion")
+    return g.to_json("Eta Inversion (Kang et al.): DDIM inversion, then noise with a time-dependent eta (paper "
+                     "config A) limited to where the source word attends; eta is 0 (DDIM) elsewhere, keeping the "
+                     "background. The inversion is also saved for later edits.")
+
+
+WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
+             "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit}
 
 
 def main():

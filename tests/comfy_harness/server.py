@@ -188,6 +188,9 @@ class ComfyServer:
         self.root = Path(tempfile.mkdtemp(prefix="photoops-comfy-"))
         for sub in ("user", "input", "output", "temp", "custom_nodes"):
             (self.root / sub).mkdir()
+        # example photos the shipped workflows load with LoadImage
+        for img in sorted((REPO_ROOT / "workflows").glob("*.png")):
+            shutil.copy(img, self.root / "input" / img.name)
         models = self.root / "models"
         for sub in ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models", "upscale_models"):
             (models / sub).mkdir(parents=True)
