@@ -479,37 +479,13 @@ class _World:
     """Tiny SD-shaped components built in code (testing-offline.md §2, byte tokenizer §3)."""
 
     def __init__(self):
-        from diffusers import AutoencoderKL, DDIMScheduler, LEditsPPPipelineStableDiffusion
         from photoops.kernels.diffusers_adapter import DiffusersDenoiser
-        from tiny import byte_tokenizer, tiny_unet
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from tiny import tiny_ledits_pipeline
 
-        class LongAddNoiseDDIM(DDIMScheduler):
-            """testing-offline.md §5: LEdits++ invert() passes a float timestep to add_noise."""
-
-            def add_noise(self, original_samples, noise, timesteps):
-                return super().add_noise(original_samples, noise, timesteps.long())
-
+        self.pipe, self.uncond = tiny_ledits_pipeline(0)
+        self.unet, self.scheduler = self.pipe.unet, self.pipe.scheduler
         self.config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                            set_alpha_to_one=False, steps_offset=1)
-        tok = byte_tokenizer()
-        torch.manual_seed(0)
-        te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=5,
-                                          num_attention_heads=4, vocab_size=len(tok), max_position_embeddings=77,
-                                          bos_token_id=512, eos_token_id=513, pad_token_id=513)).eval()
-        torch.manual_seed(0)
-        vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                            norm_num_groups=32, sample_size=32).eval()
-        self.unet = tiny_unet(0)
-        self.scheduler = LongAddNoiseDDIM(**self.config)
-        self.pipe = LEditsPPPipelineStableDiffusion(vae=vae, text_encoder=te, tokenizer=tok, unet=self.unet,
-                                                    scheduler=self.scheduler, safety_checker=None,
-                                                    feature_extractor=None, requires_safety_checker=False)
-        self.pipe.set_progress_bar_config(disable=True)
-        ids = tok([""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            self.uncond = te(ids)[0]
         # the same alpha-bar table as diffusers (float32 cumprod), so sigmas hit its timesteps exactly
         self.schedule = VPSchedule(self.scheduler.alphas_cumprod)
         self.den = DiffusersDenoiser(self.unet, self.schedule)

@@ -42,3 +42,39 @@ def tiny_unet(seed: int = 0, cross_dim: int = 32, in_channels: int = 4):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_dim, norm_num_groups=32,
     ).eval()
+
+
+def tiny_ledits_pipeline(seed: int = 0):
+    """A LEdits++ pipeline over tiny components built in code (testing-offline.md §2, §5).
+
+    DDIM with ``set_alpha_to_one=False`` and the ``add_noise`` long-cast workaround.
+    Returns ``(pipe, uncond_embedding)``.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, LEditsPPPipelineStableDiffusion
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    class LongAddNoiseDDIM(DDIMScheduler):
+        """LEdits++ invert() passes a float timestep to add_noise (testing-offline.md §5)."""
+
+        def add_noise(self, original_samples, noise, timesteps):
+            return super().add_noise(original_samples, noise, timesteps.long())
+
+    tok = byte_tokenizer()
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=5,
+                                      num_attention_heads=4, vocab_size=len(tok), max_position_embeddings=77,
+                                      bos_token_id=512, eos_token_id=513, pad_token_id=513)).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=32, sample_size=32).eval()
+    sched = LongAddNoiseDDIM(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                             set_alpha_to_one=False, steps_offset=1)
+    pipe = LEditsPPPipelineStableDiffusion(vae=vae, text_encoder=te, tokenizer=tok, unet=tiny_unet(seed),
+                                           scheduler=sched, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ids = tok([""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        uncond = te(ids)[0]
+    return pipe, uncond
