@@ -4,7 +4,9 @@ Same tiny weights (UNet, VAE, text encoder built in code), same image, same DDIM
 timesteps, empty source prompt, no edit concepts:
 
 * diffusers: ``LEditsPPPipelineStableDiffusion.invert`` + ``__call__`` (output latent);
-* ours: VAE encode + ``ddpm_invert`` + ``replay_sample`` through ``DiffusersDenoiser``.
+* ours: VAE encode + ``ddpm_invert`` + ``replay_sample`` through ``DiffusersDenoiser``,
+  sequential (bit-exact replay) and batched (``--batch`` steps' rungs per model call;
+  replay exact to rounding).
 
 Prints the median wall and CPU time of each over interleaved repeats, the ratio ours /
 diffusers (goal <= 0.8), and the size of an INVERSION for 50 steps at SD1.5's 64x64
@@ -43,6 +45,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=64, help="image size (latent = size / 2 for the tiny VAE)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=10, help="steps per model call in the batched inversion")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from PIL import Image
@@ -58,7 +61,7 @@ def main():
                     generator=torch.Generator().manual_seed(1))
         return pipe(output_type="latent", editing_prompt=None).images
 
-    def run_ours():
+    def run_ours(batch=1):
         with torch.no_grad():
             x0 = pipe.encode_image(img)[0]
         pipe.scheduler.set_timesteps(a.steps)
@@ -67,34 +70,38 @@ def main():
         def denoise(x, s):
             return den.predict_x0(x, s, [uncond])[0]
 
-        x_start, zs, _ = ddpm_invert(denoise, x0, sig, generator=torch.Generator().manual_seed(1))
+        x_start, zs, _ = ddpm_invert(denoise, x0, sig, generator=torch.Generator().manual_seed(1), batch=batch)
         out = replay_sample(denoise, x_start, sig, noises=zs)
         return out, x0, x_start, zs, sig
 
     run_diffusers()
     run_ours()   # warm-up
-    wall = {"diffusers": [], "ours": []}
-    cpu = {"diffusers": [], "ours": []}
+    wall = {"diffusers": [], "ours": [], "batched": []}
+    cpu = {"diffusers": [], "ours": [], "batched": []}
+    res = {}
     for r in range(a.repeats):
-        order = [("diffusers", run_diffusers), ("ours", run_ours)]
+        order = [("diffusers", run_diffusers), ("ours", run_ours), ("batched", lambda: run_ours(a.batch))]
         if r % 2:
             order.reverse()
         for name, fn in order:
             w0, c0 = time.perf_counter(), time.process_time()
-            res = fn()
+            res[name] = fn()
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
-            if name == "ours":
-                out, x0, x_start, zs, sig = res
+    out, x0, x_start, zs, sig = res["ours"]
     rel = float((out - x0).norm() / x0.norm())
+    rel_b = float((res["batched"][0] - x0).norm() / x0.norm())
     wm = {k: statistics.median(v) for k, v in wall.items()}
     cm = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"{a.steps} steps, {a.size}x{a.size} image ({tuple(x0.shape)} latent), median of {a.repeats}, "
           f"{a.threads} thread(s):")
     print(f"  diffusers LEdits++ invert+call: wall {wm['diffusers']:.3f} s, CPU {cm['diffusers']:.3f} s")
     print(f"  ours ddpm_invert+replay:        wall {wm['ours']:.3f} s, CPU {cm['ours']:.3f} s")
-    print(f"  ratio ours/diffusers: wall {wm['ours'] / wm['diffusers']:.3f}, CPU {cm['ours'] / cm['diffusers']:.3f} "
-          f"(goal <= 0.8); our reconstruction rel. error {rel:.2e}")
+    print(f"  ours batched ({a.batch} steps/call):    wall {wm['batched']:.3f} s, CPU {cm['batched']:.3f} s")
+    print(f"  ratio ours/diffusers: sequential wall {wm['ours'] / wm['diffusers']:.3f}, CPU "
+          f"{cm['ours'] / cm['diffusers']:.3f}; batched wall {wm['batched'] / wm['diffusers']:.3f}, CPU "
+          f"{cm['batched'] / cm['diffusers']:.3f} (goal <= 0.8)")
+    print(f"  reconstruction rel. error: sequential {rel:.2e}, batched {rel_b:.2e}")
     inv = Inversion(method="ddpm", sigmas=sig.double(), x_start=x_start, noises=zs, eta=torch.ones(a.steps))
     sd15 = Inversion(method="ddpm", sigmas=torch.linspace(14.6, 0.03, 51, dtype=torch.float64),
                      x_start=torch.zeros(1, 4, 64, 64), noises=torch.zeros(50, 1, 4, 64, 64), eta=torch.ones(50))

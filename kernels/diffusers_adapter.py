@@ -164,8 +164,12 @@ class DiffusersDenoiser:
     def _predict(self, x, sigma, conds, cond_ids=None, step=None, total_steps=None) -> list:
         if not conds:
             raise ValueError("predict_x0 needs at least one conditioning")
-        sigma_f = float(torch.as_tensor(sigma).flatten()[0])
+        sig = torch.as_tensor(sigma, dtype=torch.float64).flatten().cpu()
+        sigma_f = float(sig[0])
         B = x.shape[0]
+        if sig.numel() not in (1, B):
+            raise ValueError(f"sigma has {sig.numel()} values for a batch of {B}")
+        per_row = sig.expand(B).clone()                      # per-row sigmas are allowed
         ctx, added = [], []
         for c in conds:
             if isinstance(c, dict):
@@ -178,8 +182,10 @@ class DiffusersDenoiser:
             added.append(a)
         ctx = _lcm_repeat(ctx)
         n = len(conds)
-        x_in = (x / math.sqrt(1.0 + sigma_f ** 2)).repeat(n, *([1] * (x.ndim - 1)))
-        t = self.schedule.timestep(torch.tensor([sigma_f])).to(x.device)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        s_row = per_row.to(x.dtype).to(x.device).view(shape)
+        x_in = (x / (1.0 + s_row ** 2).sqrt()).repeat(n, *([1] * (x.ndim - 1)))
+        t = self.schedule.timestep(per_row).to(x.device).repeat(n)
         kwargs = {}
         if any(a is not None for a in added):
             kwargs["added_cond_kwargs"] = {
@@ -189,14 +195,15 @@ class DiffusersDenoiser:
                                         rows_per_chunk=B, latent_hw=tuple(x.shape[-2:]), step=step,
                                         total_steps=total_steps)
         try:
-            out = self.unet(x_in.to(self.unet.dtype), t.expand(n * B), encoder_hidden_states=torch.cat(ctx).to(self.unet.dtype),
+            out = self.unet(x_in.to(self.unet.dtype), t, encoder_hidden_states=torch.cat(ctx).to(self.unet.dtype),
                             **kwargs).sample.to(x.dtype)
         finally:
             if self.holder is not None:
                 self.holder.call = None
         xs = x.repeat(n, *([1] * (x.ndim - 1)))
+        sr = s_row.repeat(n, *([1] * (x.ndim - 1)))
         if self.prediction_type == "epsilon":
-            x0 = xs - sigma_f * out                                                   # (D1)
+            x0 = xs - sr * out                                                        # (D1)
         else:
-            x0 = xs / (1.0 + sigma_f ** 2) - out * sigma_f / math.sqrt(1.0 + sigma_f ** 2)   # (D2)
+            x0 = xs / (1.0 + sr ** 2) - out * sr / (1.0 + sr ** 2).sqrt()            # (D2)
         return list(x0.chunk(n))

@@ -174,3 +174,9 @@ def test_save_and_load_nodes(env, tmp_path, monkeypatch):
     folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
     loaded = ninv.LoadInversionNode.execute("photo_00001.safetensors").result[0]
     assert _rel(_replay(env, loaded, env["pos"]), env["latent"]["samples"]) < 1e-4
+
+
+def test_batched_ddpm_inversion_in_comfy(env):
+    """Per-row sigmas through ComfyUI's guider: batched rungs reconstruct to rounding level."""
+    inv, _ = _invert(env, "ddpm", batch=4)
+    assert _rel(_replay(env, inv, env["pos"]), env["latent"]["samples"]) < 1e-4
