@@ -104,7 +104,7 @@ class Inversion:
             raise InversionMismatchError(
                 f"batch mismatch: the inversion holds {self.latent_shape[0]} image(s), the latent {latent_shape[0]}")
         if fingerprint:
-            for key in ("family", "weights"):
+            for key in ("family", "weights", "prediction"):
                 a, b = self.fingerprint.get(key), fingerprint.get(key)
                 if a is not None and b is not None and a != b:
                     raise InversionMismatchError(

@@ -311,7 +311,10 @@ def fingerprint(model) -> dict:
         t = w.detach().float().flatten()
         h.update(str(tuple(w.shape)).encode())
         h.update(t[:: max(1, t.numel() // 4096)].cpu().numpy().tobytes())
-    return {"family": type(base).__name__, "weights": h.hexdigest()[:16]}
+    fp = {"family": type(base).__name__, "weights": h.hexdigest()[:16]}
+    if hasattr(model, "get_model_object"):
+        fp["prediction"] = prediction_type(model)
+    return fp
 
 
 def process_latent_out(model, x: torch.Tensor) -> torch.Tensor:

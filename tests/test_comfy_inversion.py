@@ -180,3 +180,19 @@ def test_batched_ddpm_inversion_in_comfy(env):
     """Per-row sigmas through ComfyUI's guider: batched rungs reconstruct to rounding level."""
     inv, _ = _invert(env, "ddpm", batch=4)
     assert _rel(_replay(env, inv, env["pos"]), env["latent"]["samples"]) < 1e-4
+
+
+def test_v_prediction_model_reconstructs(env):
+    """Inversion runs through ComfyUI's model sampling, so v-prediction models (SD2.x-v) work unchanged."""
+    import comfy.model_sampling as ms
+
+    cls = type("VSampling", (ms.ModelSamplingDiscrete, ms.V_PREDICTION), {})
+    vmodel = env["model"].clone()
+    vmodel.add_object_patch("model_sampling", cls(env["model"].model.model_config))
+    venv = dict(env, model=vmodel)
+    inv, _ = _invert(venv, "ddpm", cfg=2.0)
+    assert _rel(_replay(venv, inv, env["pos"], cfg=2.0), env["latent"]["samples"]) < 1e-4
+    assert inv.fingerprint["prediction"] == "v_prediction"
+    eps_inv, _ = _invert(env, "ddpm")
+    with pytest.raises(InversionMismatchError, match="model mismatch \\(prediction\\)"):
+        _replay(venv, eps_inv, env["pos"])
