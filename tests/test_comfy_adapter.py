@@ -11,14 +11,9 @@ import asyncio
 import pytest
 import torch
 
-from comfy_harness import comfyenv
+from comfy_harness import inprocess
 
-_reason = comfyenv.comfyui_skip_reason()
-if _reason:
-    print(f"SKIP test_comfy_adapter: {_reason}")
-    pytest.skip(_reason, allow_module_level=True)
-
-comfyenv.ensure_comfy_importable()
+inprocess.require("test_comfy_adapter")
 
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
@@ -34,9 +29,7 @@ from photoops.nodes.attention_mask import AttentionCaptureNode, AttentionMaskNod
 
 @pytest.fixture(scope="module")
 def ckpt():
-    info = fixtures.cached_sd15_checkpoint(seed=0)
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-        str(info["path"]), output_vae=True, output_clip=True, embedding_directory=None)
+    model, clip, vae, info = inprocess.load_fixture(vae=True)
     return {"model": model, "clip": clip, "vae": vae, "info": info}
 
 

@@ -6,14 +6,9 @@ random-weight fixture checkpoint; exactness claims hold for any weights.
 import pytest
 import torch
 
-from comfy_harness import comfyenv
+from comfy_harness import inprocess
 
-_reason = comfyenv.comfyui_skip_reason()
-if _reason:
-    print(f"SKIP test_comfy_inversion: {_reason}")
-    pytest.skip(_reason, allow_module_level=True)
-
-comfyenv.ensure_comfy_importable()
+inprocess.require("test_comfy_inversion")
 
 import comfy.sd  # noqa: E402
 import comfy.samplers  # noqa: E402
@@ -27,8 +22,7 @@ from photoops.nodes.attention_mask import AttentionCaptureNode  # noqa: E402
 
 @pytest.fixture(scope="module")
 def env():
-    info = fixtures.cached_sd15_checkpoint(seed=0)
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(info["path"]), output_vae=False, output_clip=True)
+    model, clip, _, _ = inprocess.load_fixture()
     torch.manual_seed(0)
     return {"model": model, "clip": clip,
             "pos": clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a red circle")),

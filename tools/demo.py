@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,11 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_pack():
-    d = Path(tempfile.mkdtemp(prefix="photoops_demo_"))
-    (d / "photoops").symlink_to(ROOT, target_is_directory=True)
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != ROOT]
-    sys.path.insert(0, str(d))
-    sys.path.insert(1, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _common import import_pack
+
+    import_pack()
 
 
 def main() -> int:
