@@ -1,12 +1,22 @@
 """Seeded, reproducible, resumable CPU training of the toy model.
 
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    python -m tools.toyworld.train --out tools/toyworld/run --steps 9000 --threads 1
+    python -m tools.toyworld.train --out tools/toyworld/run --steps 6000 --threads 1
 
 Objective: epsilon prediction on the cosine (squaredcos_cap_v2) 1000-step schedule, Min-SNR-5
-weighting, 10 % empty captions (for CFG). AdamW (betas 0.9/0.99, no weight decay), linear
-warm-up then cosine decay to 5 % of the peak, grad clip 1.0, EMA of the weights (decay up to
-0.999 with warm-up). The UNet and the text encoder are trained jointly.
+weighting, 10 % empty captions (for CFG), offset noise 0.1 (see below). AdamW (betas
+0.9/0.99, no weight decay), linear warm-up then cosine decay to 5 % of the peak, grad clip
+1.0, EMA of the weights (decay up to 0.999 with warm-up). The UNet and the text encoder are trained jointly.
+
+Offset noise: the training noise gets an extra N(0, 0.1^2) constant per image and channel.
+Without it the model learned shape and foreground colour but not the background colour
+(stuck at 44 % at step 2,500): at the first DDIM step (t=961, sqrt(abar)=0.06) it read the
+background from the image-wide mean of x_t, where pure sampling noise has a random mean
+of comparable size (std 1/32), and ignored the caption (conditional and unconditional
+predictions were equal). With offset noise the mean of x_t is unreliable, so the caption
+has to supply it; switched on at step 2,819 of that run, background accuracy went from
+44 % to 94 % within 480 steps. Sampling and inversion are unchanged (plain Gaussian noise,
+epsilon prediction).
 
 Files in ``--out``:
 
@@ -155,7 +165,7 @@ def train_batch(scenes, table: CaptionTable, gen: torch.Generator, p_uncond: flo
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=9000, help="total optimiser steps (sets the LR schedule)")
+    ap.add_argument("--steps", type=int, default=6000, help="total optimiser steps (sets the LR schedule)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
@@ -164,6 +174,12 @@ def parse_args(argv=None):
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--p-uncond", type=float, default=0.1)
     ap.add_argument("--snr-gamma", type=float, default=5.0)
+    ap.add_argument(
+        "--offset-noise",
+        type=float,
+        default=0.1,
+        help="std of an extra per-image, per-channel constant added to the training noise (0: off)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -177,7 +193,7 @@ def parse_args(argv=None):
 
 
 # arguments that change the trajectory; a resumed run must use the same values
-TRAJECTORY_ARGS = ("batch", "lr", "lr_floor", "warmup", "ema", "p_uncond", "snr_gamma", "seed", "steps")
+TRAJECTORY_ARGS = ("batch", "lr", "lr_floor", "warmup", "ema", "p_uncond", "snr_gamma", "offset_noise", "seed", "steps")
 
 
 def main(argv=None) -> int:
@@ -220,7 +236,8 @@ def main(argv=None) -> int:
     log(f"params: {sum(p.numel() for p in params):,}  batch {args.batch}  steps {args.steps}  threads {args.threads}")
 
     def export(tag: str = "model", final_eval: dict | None = None) -> None:
-        info = {"trained_steps": step, "train_args": vars(args)}
+        train_args = state["args"] if (args.export_only and state) else vars(args)
+        info = {"trained_steps": step, "train_args": train_args}
         if final_eval is not None:
             info["eval"] = {k: v for k, v in final_eval.items() if k not in ("images", "prompts")}
         save_model(ema, os.path.join(args.out, tag), info=info)
@@ -268,6 +285,8 @@ def main(argv=None) -> int:
         x0, ids = train_batch(scenes, table, gen, args.p_uncond)
         t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        if args.offset_noise > 0:
+            noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         emb = model.text_encoder(ids)[0]
