@@ -35,7 +35,91 @@ def _import_pack():
     import_pack()
 
 
+TOY_MODEL = Path(os.environ.get("PHOTOOPS_TOY_MODEL", ROOT / "tools" / "toyworld" / "model"))
+
+
+def toy_demo(a) -> int:
+    """Invert a toy photo and edit it (edit-friendly DDPM inversion + caption swap), with scores."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from photoops.kernels.attention import AttentionHooks, TokenMapRecorder
+    from photoops.kernels import maps
+    from tools.toyworld import model as tm
+    from tools.toyworld import scorer, world
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from edit_quality import ToyDenoiser, ddim_sigmas, psnr
+    from photoops.kernels.inversion import ddpm_invert, replay_sample
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model = tm.load_model(str(TOY_MODEL))
+    scene = world.Scene(fg=a.source_colour, shape=a.shape, bg=a.background, centre=(16.0, 16.0), size=16)
+    edited = world.with_colour(scene, a.target_colour)
+    src, truth = world.render_batch([scene]), world.render_batch([edited])
+    bg = ~world.object_masks([scene, edited]).any(0, keepdim=True)
+    src_cap = world.caption(scene)
+    tgt_cap = world.caption(edited)
+    hooks = AttentionHooks()
+    pos = model.tokenizer(src_cap)["input_ids"].index(model.tokenizer(a.shape)["input_ids"][1])
+    rec = hooks.add(TokenMapRecorder([pos], prompt_len=model.tokenizer.model_max_length, layers="all"))
+    td = ToyDenoiser(model, hooks=hooks)
+    sig = ddim_sigmas(td.schedule, a.steps)
+    skip = int(round(0.3 * a.steps))
+    g_src, g_tgt = td.guided([src_cap], 1.0), td.guided([tgt_cap], 3.0)
+    x_start, zs, ladder = ddpm_invert(g_src, src, sig, generator=torch.Generator().manual_seed(a.seed))
+    recon = replay_sample(g_src, x_start, sig, noises=zs)
+    rec.reset()
+    out = replay_sample(g_tgt, ladder[len(sig) - 1 - skip], sig[skip:], noises=zs, start=skip)
+    sc = scorer.score(out[0].clamp(-1, 1))
+    heat = maps.overlay(((out.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), rec.result())
+
+    def png(t, name):
+        img = (t.clamp(-1, 1) + 1) / 2 if t.shape[-1] != 3 else t
+        if img.shape[-1] != 3:
+            img = img[0].permute(1, 2, 0)
+        else:
+            img = img[0]
+        arr = (img.numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).resize((256, 256), Image.NEAREST).save(out_dir / name)
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png(src, "before.png")
+    png(out, "after.png")
+    png(heat, "after_attention_shape.png")
+    summary = {"source": src_cap, "target": tgt_cap, "method": "edit-friendly DDPM inversion, caption swap",
+               "steps": a.steps, "skip": skip, "target_cfg": 3.0,
+               "reconstruction_psnr_db": round(float(psnr(recon, src)), 2),
+               "edit_scored": {"fg": sc["fg"], "shape": sc["shape"], "bg": sc["bg"]},
+               "edit_success": sc["fg"] == a.target_colour and sc["shape"] == a.shape and sc["bg"] == a.background,
+               "background_psnr_db": round(float(psnr(out, src, bg)), 2),
+               "psnr_vs_true_edit_db": round(float(psnr(out, truth)), 2),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    (out_dir / "edit_summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    print(f"wrote {out_dir / 'before.png'}, {out_dir / 'after.png'}, {out_dir / 'after_attention_shape.png'}")
+    return 0
+
+
 def main() -> int:
+    if TOY_MODEL.is_dir() and "--attention" not in sys.argv:
+        ap = argparse.ArgumentParser(description="PhotoOps demo: invert a toy photo and edit it")
+        ap.add_argument("--source-colour", default="red")
+        ap.add_argument("--target-colour", default="blue")
+        ap.add_argument("--shape", default="circle")
+        ap.add_argument("--background", default="white")
+        ap.add_argument("--steps", type=int, default=50)
+        ap.add_argument("--seed", type=int, default=0)
+        ap.add_argument("--out", default=str(ROOT / "out"))
+        a = ap.parse_args()
+        _import_pack()
+        return toy_demo(a)
+    if "--attention" in sys.argv:
+        sys.argv.remove("--attention")
     ap = argparse.ArgumentParser(description="PhotoOps attention-capture demo on tiny weights")
     ap.add_argument("--prompt", default="a red circle on a blue background")
     ap.add_argument("--word", default="circle")

@@ -73,7 +73,7 @@ def test(args) -> int:
     setup()
     if not os.environ.get("COMFYUI_DIR"):
         print("note: COMFYUI_DIR is not set; the real-ComfyUI and browser tests will be skipped", flush=True)
-    cmd = [PY, "-m", "pytest", "-ra", *args]
+    cmd = [PY, "-m", "pytest", "-ra", "--durations=15", *args]
     print("+", " ".join(str(c) for c in cmd), flush=True)
     return subprocess.call([str(c) for c in cmd], cwd=ROOT, env=env())
 
