@@ -50,15 +50,22 @@ def _prepare_sigmas(model, sigmas: torch.Tensor) -> tuple:
     return s, replaced
 
 
-def _region_mask(capture, latent_hw, threshold: float) -> torch.Tensor:
-    """Eta §4.2: mean inversion-time map, max-normalised, bicubic to latent size, > threshold."""
+def _region_mask(capture, latent_hw, threshold: float, mode: str = "threshold") -> torch.Tensor:
+    """Eta §4.2: mean inversion-time map, max-normalised, bicubic to latent size, > threshold.
+
+    ``mode="quantile"`` (our addition) keeps the top ``1 - threshold`` of the map instead:
+    with flat maps (small or toy models) the paper's fixed threshold keeps every pixel.
+    """
     rec = capture.recorder
     if rec.calls == 0:
         raise RuntimeError(f"the region capture recorded nothing for {capture.word!r}: give Invert the MODEL "
                            f"that comes out of Attention Capture")
     a = kmaps.normalize_max(rec.result())
     a = torch.nn.functional.interpolate(a[:, None], size=tuple(latent_hw), mode="bicubic", align_corners=False)
-    return (a.clamp(0, 1) > threshold).float()
+    a = a.clamp(0, 1)
+    if mode == "quantile":
+        return kmaps.binarize(a[:, 0], "quantile", threshold)[:, None]
+    return (a > threshold).float()
 
 
 class InvertNode(io.ComfyNode):
@@ -95,8 +102,11 @@ class InvertNode(io.ComfyNode):
                 CAPTURE.Input("region", optional=True,
                               tooltip="eta method: an Attention Capture of the edit word, recorded during this "
                                       "inversion (give Invert that capture's MODEL); eta is 0 outside its mask."),
+                io.Combo.Input("region_mode", options=["threshold", "quantile"], default="threshold", optional=True,
+                               tooltip="eta method: threshold = max-normalised map > region_threshold (the paper); "
+                                       "quantile = keep the top (1 - region_threshold) of the map (for flat maps)."),
                 io.Float.Input("region_threshold", default=0.2, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="eta method: mask = max-normalised map > threshold (paper: 0.2)."),
+                               tooltip="eta method: the threshold (paper: 0.2) or the quantile, see region_mode."),
                 io.Int.Input("candidates", default=10, min=1, max=1000, optional=True,
                              tooltip="eta method: noise candidates per step (paper: 10); 1 = plain random noise."),
                 io.Boolean.Input("store_optimal_noise", default=False, optional=True,
@@ -117,7 +127,7 @@ class InvertNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, sigmas, method, skip, source_cfg, seed,
-                eta_schedule=None, region=None, region_threshold=0.2, candidates=10,
+                eta_schedule=None, region=None, region_mode="threshold", region_threshold=0.2, candidates=10,
                 store_optimal_noise=False, batch=1) -> io.NodeOutput:
         ca.ensure_supported(model)
         samples = latent["samples"]
@@ -154,7 +164,7 @@ class InvertNode(io.ComfyNode):
                 fn = eta_schedule["fn"] if eta_schedule is not None else keta.PRESETS["linear_default"]
                 mask = None
                 if region is not None:
-                    mask = _region_mask(region, x.shape[-2:], region_threshold)
+                    mask = _region_mask(region, x.shape[-2:], region_threshold, region_mode)
                 elif eta_schedule is not None and eta_schedule.get("mask") is not None:
                     mask = kmaps.resize_map(eta_schedule["mask"].float(), x.shape[-2:], mode="bilinear")[:, None]
                     mask = (mask > 0.5).float()

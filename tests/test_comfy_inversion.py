@@ -104,6 +104,11 @@ def test_eta_region_from_attention_capture(env):
     assert float(per_step.max()) > 0 and float(per_step.min()) == 0.0      # paper_A is 0 late in sampling
     # eta = M * eta(t): 0 outside the capture's mask at every step, eta(t) inside
     torch.testing.assert_close(inv.eta, per_step.view(-1, 1, 1, 1, 1) * expected.view(1, 1, 1, 8, 8))
+    # quantile mode keeps the top quarter of the same map
+    invq = ninv.InvertNode.execute(patched, env["pos"], env["neg"], env["latent"], _sigmas(env["model"]), "eta", 0,
+                                   1.0, 0, eta_schedule=sched, region=capture, region_mode="quantile",
+                                   region_threshold=0.75).result[0]
+    assert abs(float((invq.eta.amax(0) > 0).float().mean()) - 0.25) <= 1 / 64
 
 
 def test_mismatches_are_named(env):

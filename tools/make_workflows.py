@@ -143,7 +143,7 @@ def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_inver
                          ("latent", "LATENT"), ("sigmas", "SIGMAS"), ("eta_schedule", "PHOTOOPS_ETA_SCHEDULE"),
                          ("region", "PHOTOOPS_ATTENTION_CAPTURE")],
                  outputs=[("inversion", "PHOTOOPS_INVERSION"), ("start_latent", "LATENT")],
-                 widgets=[method, skip, 1.0, 0, "fixed", 0.2, 10, False, 1], pos=(1140, 300), size=(320, 330))
+                 widgets=[method, skip, 1.0, 0, "fixed", "threshold", 0.2, 10, False, 1], pos=(1140, 300), size=(320, 330))
     smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION")],
                  outputs=[("SAMPLER", "SAMPLER")], pos=(1500, 300), size=(260, 46))
     guider = g.node("CFGGuider", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
