@@ -195,7 +195,7 @@ def main():
     rows, meta = run(a)
     print(f"toy world: {meta['n']} photos, {meta['steps']} steps, edit skip {meta['skip']}, target CFG {meta['cfg']}, "
           f"source CFG {meta['src_cfg']} ({meta['seconds']} s)")
-    print(f"| method | reconstruction PSNR (dB) | edit success | background PSNR (dB) | PSNR vs true edit (dB) |")
+    print("| method | reconstruction PSNR (dB) | edit success | background PSNR (dB) | PSNR vs true edit (dB) |")
     print("|---|---|---|---|---|")
     for r in rows:
         rp = "—" if r["recon_psnr"] is None else f"{r['recon_psnr']:.1f}"

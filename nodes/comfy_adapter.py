@@ -15,7 +15,6 @@ change breaks one file:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -220,7 +219,7 @@ class ProbeGuider(comfy.samplers.CFGGuider):
         self.n = len(conditionings)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[f"c0"]], x, timestep, model_options)[0]
+        return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["c0"]], x, timestep, model_options)[0]
 
     def run(self, fn, latent: torch.Tensor, sigmas: torch.Tensor, seed: int = 0):
         out = {}

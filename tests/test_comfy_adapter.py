@@ -193,7 +193,6 @@ def test_unsupported_family_is_refused(ckpt):
 
 
 def _with_sampling(model, *bases):
-    import comfy.model_sampling
 
     cls = type("PhotoOpsTestSampling", bases, {})
     m = model.clone()
