@@ -368,3 +368,61 @@ def patcher_of(model_k):
     """The ModelPatcher behind a KSAMPLER function's ``model`` (via the guider), or None."""
     guider = getattr(model_k, "inner_model", None)
     return getattr(guider, "model_patcher", None)
+
+
+class CombineGuider(comfy.samplers.CFGGuider):
+    """A GUIDER over several named conditionings, evaluated in ONE batched model call per step
+    (as core PerpNegGuider does) and combined by a kernel function.
+
+    ``combine(x, sigma, outs, step)`` gets the denoised predictions in ``order`` and the
+    0-based step counted from the first step this run evaluates (so skipped steps of an
+    inversion replay do not count toward warm-ups); it returns the guided denoised.
+    Pre- and post-CFG hooks of other nodes are replayed around it.  ``on_run_start(sigmas)``
+    is called when a sampling run starts (reset momentum, validate step counts).
+    """
+
+    def __init__(self, model_patcher, conds: dict, order: list, combine, cfg: float, on_run_start=None):
+        super().__init__(model_patcher)
+        self.inner_set_conds(conds)
+        self.order, self.combine, self.cfg = list(order), combine, float(cfg)
+        self.on_run_start = on_run_start
+        self._first = None
+
+    def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self._first = None
+        if self.on_run_start is not None:
+            self.on_run_start(sigmas)
+        return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        conds = [self.conds.get(k) for k in self.order]
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
+                      "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        step, _ = step_of_sigma(float(timestep.flatten()[0]),
+                                model_options.get("transformer_options", {}).get("sample_sigmas"))
+        step = 0 if step is None else step
+        if self._first is None:
+            self._first = step
+        result = self.combine(x, timestep, out, step - self._first)
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            result = fn({"denoised": result, "cond": conds[1], "uncond": conds[0], "model": self.inner_model,
+                         "uncond_denoised": out[0], "cond_denoised": out[1], "sigma": timestep,
+                         "model_options": model_options, "input": x, "cond_scale": self.cfg})
+        return result
+
+
+def count_prompt_tokens(clip, text: str) -> int:
+    """Number of real tokens (no BOS/EOS/padding) the CLIP tokenizer makes of ``text``."""
+    toks = clip.tokenize(text)
+    key = "l" if "l" in toks else next(iter(toks))
+    tok = _sub_tokenizer(clip, key)
+    special = {t for t in (getattr(tok, "start_token", None), getattr(tok, "end_token", None),
+                           getattr(tok, "pad_token", None)) if t is not None}
+    return sum(1 for chunk in toks[key] for item in chunk
+               if isinstance(item[0], torch.Tensor) or item[0] not in special)
+
+
+def encode_text(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))

@@ -1,0 +1,164 @@
+"""SemanticGuide: SEGA / LEDITS++ guidance as a GUIDER for core SamplerCustomAdvanced.
+
+LEDITS = Invert (ddpm) + Inversion Sampler + this guider in ``sega`` mode;
+LEDITS++ = the same in ``ledits++`` mode (implicit masks from cross-attention and the noise
+estimate, no momentum).  All conditionings — negative, target, and every concept — are
+evaluated in one batched model call per step.  The maths is in ``kernels/sega.py``; this
+file only converts between ComfyUI's denoised predictions and eps (spec §2.4:
+``eps = (x - D) / sigma``, ``D_hat = x - sigma * e_hat``; momentum lives in eps units).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from comfy_api.latest import io
+
+from ..kernels import sega as ksega
+from ..kernels.attention import AttentionHooks, TokenMapRecorder
+from . import comfy_adapter as ca
+
+CONCEPTS = io.Custom("PHOTOOPS_EDIT_CONCEPTS")
+
+
+@dataclass
+class ConceptInput:
+    text: str
+    conditioning: list
+    n_tokens: int
+    concept: ksega.EditConcept
+
+
+class EditConceptNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_EditConcept",
+            display_name="Edit Concept",
+            category="PhotoOps/editing",
+            description="One SEGA / LEDITS edit concept (e.g. 'glasses' to add, 'red' to remove). Chain several "
+                        "through 'previous'.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of your model; encodes the concept."),
+                io.String.Input("text", default="", tooltip="The concept, a few words (e.g. 'blue circle')."),
+                io.Combo.Input("direction", options=["add", "remove"], default="add",
+                               tooltip="add: steer toward the concept; remove: away from it (SEGA reverse)."),
+                io.Float.Input("scale", default=5.0, min=0.0, max=50.0, step=0.1,
+                               tooltip="Edit guidance scale s_e (SEGA default 5; LEDITS paper 7; LEDITS++ 5-10)."),
+                io.Float.Input("threshold", default=0.9, min=0.0, max=0.999, step=0.005,
+                               tooltip="Keep the strongest (1 - threshold) of the guidance per channel "
+                                       "(SEGA 0.9, LEDITS 0.95, LEDITS++ 0.9); higher = more local edit."),
+                io.Int.Input("warmup", default=0, min=0, max=1000,
+                             tooltip="Steps before the concept is applied, counted from the first step that "
+                                     "runs (after an inversion's skip). LEDITS paper: 1; SEGA: 10."),
+                io.Int.Input("cooldown", default=-1, min=-1, max=1000,
+                             tooltip="Step from which the concept stops (-1 = never)."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Relative weight among concepts (SEGA edit_weights)."),
+                CONCEPTS.Input("previous", optional=True, tooltip="Concepts defined before this one."),
+            ],
+            outputs=[CONCEPTS.Output(display_name="concepts", tooltip="Connect to Semantic Guide or the next concept.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, direction, scale, threshold, warmup, cooldown, weight,
+                previous=None) -> io.NodeOutput:
+        n_tok = ca.count_prompt_tokens(clip, text) if text.strip() else 0
+        if n_tok == 0:
+            raise ValueError(f"the concept text {text!r} tokenizes to nothing; give a word or two")
+        concept = ksega.EditConcept(scale=scale, reverse=direction == "remove", threshold=threshold,
+                                    warmup=warmup, cooldown=None if cooldown < 0 else cooldown, weight=weight)
+        item = ConceptInput(text, ca.encode_text(clip, text), n_tok, concept)
+        return io.NodeOutput(list(previous or []) + [item])
+
+
+def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta, use_target,
+                 mask_mode="intersect"):
+    """The CombineGuider for ``mode`` in {"sega", "ledits++"} (see the module docstring)."""
+    ca.ensure_supported(model)
+    concepts = list(concepts or [])
+    kcs = [c.concept for c in concepts]
+    order = ["negative", "positive"] + [f"concept{i}" for i in range(len(concepts))]
+    conds = {"negative": negative, "positive": positive}
+    conds.update({f"concept{i}": c.conditioning for i, c in enumerate(concepts)})
+    recorders = []
+    patched = model
+    if mode == "ledits++" and concepts and mask_mode != "noise":
+        hooks = AttentionHooks()
+        for i, c in enumerate(concepts):                       # spec §4.4 step 3: tokens 1..n_tok, 1/4-size layers
+            recorders.append(hooks.add(TokenMapRecorder(list(range(1, c.n_tokens + 1)), prompt_len=77,
+                                                        cond_index=2 + i, layers="lowres")))
+        patched = ca.attach_attention_hooks(model, hooks)
+    sega = ksega.SemanticGuidance(kcs, momentum_scale=momentum_scale, momentum_beta=momentum_beta)
+    schedule = ca.vp_schedule(model)
+
+    def on_run_start(sigmas):
+        ksega.check_steps(kcs, len(sigmas) - 1)     # a warm-up beyond the steps would never apply
+        sega.reset()
+        for r in recorders:
+            r.reset()
+
+    def combine(x, sigma, outs, step):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        eps = [(x - d) / s for d in outs]                               # §2.4
+        e_u, e_t, e_cs = eps[0], eps[1], eps[2:]
+        if mode == "sega":
+            e_hat = sega.guide(e_u, e_t if use_target else None, e_cs, step, cfg)
+        else:
+            maps = [r.result() for r in recorders] if recorders else None
+            e_hat = ksega.ledits_pp_guidance(e_u, e_cs, kcs, maps, step, timestep=float(schedule.timestep(sigma[0])),
+                                             use_intersect=mask_mode == "intersect",
+                                             use_cross_attn=mask_mode in ("intersect", "cross_attention"))
+            if use_target:
+                e_hat = e_hat + cfg * (e_t - e_u)                       # optional target CFG (issue 5)
+            for r in recorders:
+                r.reset()
+        out = x - s * e_hat
+        return out.nan_to_num()                                        # guard: zero-norm guidance, 0/0
+
+    return ca.CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start), recorders
+
+
+class SemanticGuideNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_SemanticGuide",
+            display_name="Semantic Guide",
+            category="PhotoOps/editing",
+            description="SEGA semantic guidance (sega) or LEDITS++ masked guidance (ledits++) as a GUIDER for "
+                        "SamplerCustomAdvanced. With Invert + Inversion Sampler it edits a real photo (LEDITS / "
+                        "LEDITS++); with a normal sampler it edits generations.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL model (cloned, never changed)."),
+                io.Conditioning.Input("positive", tooltip="Target prompt (for LEDITS: often the source prompt or empty)."),
+                io.Conditioning.Input("negative", tooltip="Unconditional / negative prompt (empty for LEDITS)."),
+                CONCEPTS.Input("concepts", tooltip="From Edit Concept (chain several)."),
+                io.Combo.Input("mode", options=["sega", "ledits++"], default="sega",
+                               tooltip="sega: SEGA with momentum (LEDITS = DDPM inversion + sega). ledits++: "
+                                       "implicit masks, no momentum."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
+                               tooltip="Target-prompt CFG w (SEGA 7.5, LEDITS paper 15). Used in ledits++ only if "
+                                       "use_target is on."),
+                io.Boolean.Input("use_target", default=True,
+                                 tooltip="Apply target-prompt CFG. Off = pure concept editing (LEDITS with an empty "
+                                         "target; LEDITS++ default)."),
+                io.Float.Input("momentum_scale", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="sega: momentum scale s_m (LEDITS demo 0.3, SEGA 0.1; 0 = off)."),
+                io.Float.Input("momentum_beta", default=0.6, min=0.0, max=0.999, step=0.01,
+                               tooltip="sega: momentum beta (LEDITS demo 0.6, SEGA 0.4)."),
+                io.Combo.Input("masks", options=["intersect", "cross_attention", "noise"], default="intersect",
+                               tooltip="ledits++: cross-attention mask AND noise-estimate mask (default), "
+                                       "cross-attention only, or noise-estimate only."),
+            ],
+            outputs=[io.Guider.Output(display_name="GUIDER", tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, concepts, mode, cfg, use_target, momentum_scale, momentum_beta,
+                masks) -> io.NodeOutput:
+        guider, _ = build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta,
+                                 use_target, masks)
+        return io.NodeOutput(guider)
+
+
+NODES = [EditConceptNode, SemanticGuideNode]
