@@ -135,7 +135,7 @@ def _photo_and_prompts(g: Graph, source: str, target: str | None):
 
 
 def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_invert, method, skip, replay_cfg,
-                       steps=12, eta_schedule=None, region=None, prefix="photoops_inversion"):
+                       steps=12, eta_schedule=None, region=None, prefix="photoops_inversion", guider=None):
     sched = g.node("BasicScheduler", inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
                    widgets=["normal", steps, 1.0], pos=(800, 620), size=(300, 110))
     inv = g.node("PhotoOps_Invert",
@@ -146,9 +146,11 @@ def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_inver
                  widgets=[method, skip, 1.0, 0, "fixed", "threshold", 0.2, 10, False, 1], pos=(1140, 300), size=(320, 330))
     smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION")],
                  outputs=[("SAMPLER", "SAMPLER")], pos=(1500, 300), size=(260, 46))
-    guider = g.node("CFGGuider", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
-                                         ("negative", "CONDITIONING")], outputs=[("GUIDER", "GUIDER")],
-                    widgets=[replay_cfg], pos=(1500, 100), size=(260, 100))
+    own_guider = guider is None
+    if own_guider:
+        guider = g.node("CFGGuider", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
+                                             ("negative", "CONDITIONING")], outputs=[("GUIDER", "GUIDER")],
+                        widgets=[replay_cfg], pos=(1500, 100), size=(260, 100))
     noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")], pos=(1500, 20), size=(210, 30))
     sca = g.node("SamplerCustomAdvanced", inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
                                                   ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
@@ -167,9 +169,10 @@ def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_inver
     if region is not None:
         g.link(region[0], region[1], inv, "region")
     g.link(inv, 0, smp, "inversion")
-    g.link(ckpt, 0, guider, "model")
-    g.link(guide_pos, 0, guider, "positive")
-    g.link(neg, 0, guider, "negative")
+    if own_guider:
+        g.link(ckpt, 0, guider, "model")
+        g.link(guide_pos, 0, guider, "positive")
+        g.link(neg, 0, guider, "negative")
     g.link(noise, 0, sca, "noise")
     g.link(guider, 0, sca, "guider")
     g.link(smp, 0, sca, "sampler")
@@ -218,8 +221,49 @@ def inversion_eta_edit() -> dict:
                      "background. The inversion is also saved for later edits.")
 
 
+def _concept(g: Graph, ckpt, text, direction, scale, threshold, warmup, pos, previous=None):
+    c = g.node("PhotoOps_EditConcept", inputs=[("clip", "CLIP"), ("previous", "PHOTOOPS_EDIT_CONCEPTS")],
+               outputs=[("concepts", "PHOTOOPS_EDIT_CONCEPTS")],
+               widgets=[text, direction, scale, threshold, warmup, -1, 1.0], pos=pos, size=(300, 230))
+    g.link(ckpt, 1, c, "clip")
+    if previous is not None:
+        g.link(previous, 0, c, "previous")
+    return c
+
+
+def _semantic_edit(mode: str, title: str, note: str, prefix: str) -> dict:
+    g = Graph()
+    ckpt, img, enc, src, neg, _ = _photo_and_prompts(g, SOURCE, None)
+    remove = _concept(g, ckpt, "red", "remove", 5.0, 0.9, 1, (800, 20))
+    add = _concept(g, ckpt, "green", "add", 7.0, 0.9, 1, (800, 270), previous=remove)
+    sg = g.node("PhotoOps_SemanticGuide", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
+                                                  ("negative", "CONDITIONING"),
+                                                  ("concepts", "PHOTOOPS_EDIT_CONCEPTS")],
+                outputs=[("GUIDER", "GUIDER")], widgets=[mode, 7.5, False, 0.3, 0.6, "intersect"],
+                pos=(1500, 60), size=(300, 230), title=title)
+    g.link(ckpt, 0, sg, "model")
+    g.link(src, 0, sg, "positive")
+    g.link(neg, 0, sg, "negative")
+    g.link(add, 0, sg, "concepts")
+    _invert_and_replay(g, ckpt, enc, neg, neg, None, (ckpt, 0), "ddpm", 3, 1.0, prefix=prefix, guider=sg)
+    return g.to_json(note)
+
+
+def ledits_edit() -> dict:
+    return _semantic_edit("sega", "Semantic Guide (LEDITS)", "LEDITS (Tsaban & Passos): edit-friendly DDPM inversion "
+                          "with an empty source prompt, replayed with SEGA concepts: remove 'red', add 'green'. "
+                          "Target CFG is off (pure concept editing, the paper's workflow a).", "photoops_ledits")
+
+
+def ledits_pp_edit() -> dict:
+    return _semantic_edit("ledits++", "Semantic Guide (LEDITS++)", "LEDITS++ (Brack et al.): the same inversion, "
+                          "concepts applied only inside implicit masks (cross-attention AND noise-estimate "
+                          "masks); no momentum, no target CFG.", "photoops_ledits_pp")
+
+
 WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
-             "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit}
+             "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit,
+             "ledits_edit.json": ledits_edit, "ledits_pp_edit.json": ledits_pp_edit}
 
 
 def main():
