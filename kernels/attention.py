@@ -180,6 +180,7 @@ class TokenMapRecorder(AttentionHook):
             raise ValueError(f"steps must satisfy 0 <= start < end <= 1, got {steps}")
         self.positions = [int(p) for p in positions]
         self.prompt_len = int(prompt_len)
+        self._quarter_sizes = set()   # latent sizes known to have 1/4-size layers (kept across resets)
         self.cond_index = cond_index
         self.layers = layers
         self.steps = (start, end)
@@ -190,7 +191,6 @@ class TokenMapRecorder(AttentionHook):
         self._sums = {}    # (factor, place_is_mid) -> [sum tensor, count, (h, w)]
         self.calls = 0
         self.latent_hw = None
-        self._has_quarter = False
 
     def active(self, layer, call) -> bool:
         p = call.progress
@@ -213,13 +213,15 @@ class TokenMapRecorder(AttentionHook):
     def record(self, probs, layer, call) -> None:
         if self.layers == "lowres":
             # Only 1/4-size layers are used when the model has them: skip the others
-            # (before computing any probability) once one has been seen.
+            # (before computing any probability) once one has been seen for this latent
+            # size; that knowledge survives reset(), so per-step resets stay cheap.
             h, _ = fold_sequence(probs.queries, call.latent_hw)
             factor = -(-int(call.latent_hw[0]) // h)
-            if factor != 4 and self._has_quarter:
+            hw = tuple(int(v) for v in call.latent_hw)
+            if factor != 4 and hw in self._quarter_sizes:
                 return
-            if factor == 4 and not self._has_quarter:
-                self._has_quarter = True
+            if factor == 4 and hw not in self._quarter_sizes:
+                self._quarter_sizes.add(hw)
                 self._sums = {k: v for k, v in self._sums.items() if k[0] == 4}
                 self.calls = sum(v[1] for v in self._sums.values())
         rows = call.rows_of(self.cond_index)

@@ -244,3 +244,30 @@ def test_v_prediction_conversion():
     den = DiffusersDenoiser(VUnet(x0, eps, sigma), VPSchedule.scaled_linear(), prediction_type="v_prediction")
     torch.testing.assert_close(den.predict_x0(x, torch.tensor(sigma), [torch.zeros(1, 3, 4)])[0], x0,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_lowres_skips_other_layers_after_reset(monkeypatch):
+    """Per-step resets (LEDITS++) must not recompute probabilities of layers lowres mode discards."""
+    computed = []
+    real_rows = ProbabilityCache.rows
+
+    def counting_rows(self, rows):
+        computed.append(self.queries)
+        return real_rows(self, rows)
+
+    monkeypatch.setattr(ProbabilityCache, "rows", counting_rows)
+    rec = TokenMapRecorder([1], prompt_len=10, layers="lowres")
+    hooks = AttentionHooks([rec])
+
+    def one_pass():
+        for L in (64 * 64, 16 * 16):
+            q, k, v = torch.randn(2, L, 16), torch.randn(2, 10, 16), torch.randn(2, 10, 16)
+            hooks(q, k, v, 2, LayerInfo("l", "down", 0), _call(rows=1, hw=(64, 64)), _sdpa(2))
+
+    one_pass()
+    assert computed == [64 * 64, 16 * 16]       # first pass: the 1/4 layer is not known yet
+    rec.reset()
+    computed.clear()
+    one_pass()
+    assert computed == [16 * 16]                # afterwards only the 1/4-size layer is computed
+    assert rec.calls == 1 and list(rec._sums) == [(4, False)]
