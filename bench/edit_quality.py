@@ -146,9 +146,53 @@ def run(args):
     region = region_maps(model, x0, src_caps, scenes, sig)
     eta_rows(", region > 0.2", (region > 0.2).float())
     eta_rows(", region top 25 %", kmaps.binarize(region[:, 0], "quantile", 0.75)[:, None])
+    # 4. LEDITS (DDPM inversion + SEGA) and LEDITS++ (implicit masks): concepts "<old colour> <shape>"
+    #    removed and "<new colour> <shape>" added (testing-offline.md §7.6), source prompt kept as target
+    for mode in ("sega", "ledits++"):
+        out = semantic_edit(model, mode, src_caps, scenes, tgt_scenes, lad, zs, sig, skip, args)
+        score_edit(f"{'LEDITS' if mode == 'sega' else 'LEDITS++'} (DDPM inversion, skip {skip})", out, None)
     seconds = time.perf_counter() - t0
     return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
                   "seconds": round(seconds, 1)}
+
+
+def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, skip, args):
+    """Replay the DDPM inversion with SEGA (momentum 0.3/0.6, LEDITS demo) or LEDITS++ guidance."""
+    from photoops.kernels import sega as ksega
+
+    tok = model.tokenizer
+    hooks = AttentionHooks()
+    td = ToyDenoiser(model, hooks=hooks)
+    old = [f"{s.fg} {s.shape}" for s in scenes]
+    new = [f"{t.fg} {t.shape}" for t in tgt_scenes]
+    c_old, c_new = model.encode_prompts(old), model.encode_prompts(new)
+    cond = model.encode_prompts(src_caps)
+    n_tok = len(tok(old[0])["input_ids"]) - 2
+    recs = [hooks.add(TokenMapRecorder(list(range(1, n_tok + 1)), tok.model_max_length, cond_index=2 + i,
+                                       layers="lowres")) for i in range(2)]
+    concepts = [ksega.EditConcept(scale=args.edit_scale, reverse=True, threshold=0.9, warmup=1),
+                ksega.EditConcept(scale=args.edit_scale, threshold=0.9, warmup=1)]
+    sg = ksega.SemanticGuidance(concepts, momentum_scale=0.3, momentum_beta=0.6)
+    state = {"step": 0}
+
+    def guided(x, s):
+        for r in recs:
+            r.reset()
+        outs = td.den.predict_x0(x, s, [td.uncond.expand(x.shape[0], -1, -1), cond, c_old, c_new],
+                                 cond_ids=[0, 1, 2, 3])
+        sv = s.view(-1, 1, 1, 1)
+        e = [(x - d) / sv for d in outs]
+        if mode == "sega":
+            e_hat = sg.guide(e[0], e[1], e[2:], state["step"], args.src_cfg)
+        else:
+            e_hat = ksega.ledits_pp_guidance(e[0], e[2:], concepts, [r.result() for r in recs], state["step"],
+                                             timestep=float(td.schedule.timestep(s[0])))
+            e_hat = e_hat + args.src_cfg * (e[1] - e[0])     # replay the inversion's own prediction (Rule 2)
+        state["step"] += 1
+        return x - sv * e_hat
+
+    n = len(sig) - 1
+    return replay_sample(guided, ladder[n - skip], sig[skip:], noises=zs, start=skip)
 
 
 def region_maps(model, x0, captions, scenes, sig):
@@ -187,6 +231,7 @@ def main():
     ap.add_argument("--cfg", type=float, default=3.0, help="target CFG when editing")
     ap.add_argument("--src-cfg", type=float, default=1.0, help="source CFG during inversion and reconstruction")
     ap.add_argument("--seed", type=int, default=123)
+    ap.add_argument("--edit-scale", type=float, default=5.0, help="SEGA / LEDITS++ concept scale")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the table here")
     a = ap.parse_args()
