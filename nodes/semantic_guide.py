@@ -11,13 +11,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from comfy_api.latest import io
 
+from ..kernels import maps as kmaps
 from ..kernels import sega as ksega
 from ..kernels.attention import AttentionHooks, TokenMapRecorder
 from . import comfy_adapter as ca
+from .attention_mask import VAE_FACTOR
 
 CONCEPTS = io.Custom("PHOTOOPS_EDIT_CONCEPTS")
+MASKS = io.Custom("PHOTOOPS_CONCEPT_MASKS")
+
+
+class MaskStore:
+    """Per concept, the running mean over steps of where its guidance was applied ([B, H, W] in [0, 1])."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps = [None] * self.k, 0
+
+    def add(self, masks):                 # masks: [K, B, h, w] in {0, 1}
+        self.steps += 1
+        for i in range(self.k):
+            m = masks[i].float().detach().cpu()
+            self.sums[i] = m if self.sums[i] is None else self.sums[i] + m
+
+    def mean(self, i: int):
+        if not 0 <= i < self.k:
+            raise ValueError(f"concept index {i} is out of range: the guide has {self.k} concept(s)")
+        if self.steps == 0 or self.sums[i] is None:
+            raise RuntimeError("no guidance step has run yet: connect this node after the sampler that used the guide")
+        return self.sums[i] / self.steps
 
 
 @dataclass
@@ -90,10 +118,12 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         patched = ca.attach_attention_hooks(model, hooks)
     sega = ksega.SemanticGuidance(kcs, momentum_scale=momentum_scale, momentum_beta=momentum_beta)
     schedule = ca.vp_schedule(model)
+    store = MaskStore(len(concepts))
 
     def on_run_start(sigmas):
         ksega.check_steps(kcs, len(sigmas) - 1)     # a warm-up beyond the steps would never apply
         sega.reset()
+        store.reset()
         for r in recorders:
             r.reset()
 
@@ -103,11 +133,19 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         e_u, e_t, e_cs = eps[0], eps[1], eps[2:]
         if mode == "sega":
             e_hat = sega.guide(e_u, e_t if use_target else None, e_cs, step, cfg)
+            if kcs:   # preview: where each applied concept's percentile mask keeps guidance (any channel)
+                store.add(torch.stack([
+                    ksega.percentile_mask(ksega.concept_direction(e_c, e_u, c), c.threshold).any(1)
+                    & torch.tensor(c.warm(step) and not c.cooled(step)) for c, e_c in zip(kcs, e_cs)]))
         else:
             maps = [r.result() for r in recorders] if recorders else None
-            e_hat = ksega.ledits_pp_guidance(e_u, e_cs, kcs, maps, step, timestep=float(schedule.timestep(sigma[0])),
-                                             use_intersect=mask_mode == "intersect",
-                                             use_cross_attn=mask_mode in ("intersect", "cross_attention"))
+            e_hat, masks = ksega.ledits_pp_guidance(e_u, e_cs, kcs, maps, step,
+                                                    timestep=float(schedule.timestep(sigma[0])),
+                                                    use_intersect=mask_mode == "intersect",
+                                                    use_cross_attn=mask_mode in ("intersect", "cross_attention"),
+                                                    return_masks=True)
+            if kcs:
+                store.add(masks.amax(2))
             if use_target:
                 e_hat = e_hat + cfg * (e_t - e_u)                       # optional target CFG (issue 5)
             for r in recorders:
@@ -115,7 +153,9 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         out = x - s * e_hat
         return out.nan_to_num()                                        # guard: zero-norm guidance, 0/0
 
-    return ca.CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start), recorders
+    guider = ca.CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start)
+    guider.photoops_masks = store
+    return guider, recorders
 
 
 class SemanticGuideNode(io.ComfyNode):
@@ -150,7 +190,9 @@ class SemanticGuideNode(io.ComfyNode):
                                tooltip="ledits++: cross-attention mask AND noise-estimate mask (default), "
                                        "cross-attention only, or noise-estimate only."),
             ],
-            outputs=[io.Guider.Output(display_name="GUIDER", tooltip="Connect to SamplerCustomAdvanced.")],
+            outputs=[io.Guider.Output(display_name="GUIDER", tooltip="Connect to SamplerCustomAdvanced."),
+                     MASKS.Output(display_name="masks", tooltip="Where each concept acted; read with Concept Masks "
+                                                                "after sampling.")],
         )
 
     @classmethod
@@ -158,7 +200,33 @@ class SemanticGuideNode(io.ComfyNode):
                 masks) -> io.NodeOutput:
         guider, _ = build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta,
                                  use_target, masks)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(guider, guider.photoops_masks)
 
 
-NODES = [EditConceptNode, SemanticGuideNode]
+class ConceptMasksNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_ConceptMasks",
+            display_name="Concept Masks",
+            category="PhotoOps/editing",
+            description="After sampling with a Semantic Guide: where one concept's guidance acted, as the fraction "
+                        "of steps per pixel (a soft MASK) and a heat map.",
+            inputs=[
+                MASKS.Input("masks", tooltip="From Semantic Guide."),
+                io.Latent.Input("samples", tooltip="The sampler's output LATENT (runs this node after sampling)."),
+                io.Int.Input("concept", default=0, min=0, max=63, tooltip="Which concept (0 = the first in the chain)."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="Fraction of steps the concept acted, image size."),
+                     io.Image.Output(display_name="heatmap", tooltip="The same as a heat map.")],
+        )
+
+    @classmethod
+    def execute(cls, masks, samples, concept) -> io.NodeOutput:
+        m = masks.mean(concept)
+        hw = samples["samples"].shape[-2:]
+        m = kmaps.resize_map(m, (hw[0] * VAE_FACTOR, hw[1] * VAE_FACTOR), mode="nearest")
+        return io.NodeOutput(m.clamp(0, 1), kmaps.heatmap(m))
+
+
+NODES = [EditConceptNode, SemanticGuideNode, ConceptMasksNode]

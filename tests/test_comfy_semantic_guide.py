@@ -93,3 +93,21 @@ def test_bad_inputs(env):
     before = repr(env["model"].model_options)
     nsg.build_guider(env["model"], env["src"], env["neg"], _concept(env, "blue"), 2.0, "ledits++", 0.3, 0.6, False)
     assert repr(env["model"].model_options) == before           # input MODEL untouched
+
+
+@pytest.mark.parametrize("mode", ["sega", "ledits++"])
+def test_concept_masks_preview(env, mode):
+    inv, _ = ninv.InvertNode.execute(env["model"], env["neg"], env["neg"], env["latent"], _sigmas(env["model"]),
+                                     "ddpm", 0, 1.0, 0).result
+    concepts = _concept(env, "blue circle", scale=7.0, warmup=2)
+    guider, store = nsg.SemanticGuideNode.execute(env["model"], env["neg"], env["neg"], concepts, mode, 1.0, False,
+                                                  0.3, 0.6, "intersect").result
+    with pytest.raises(RuntimeError, match="no guidance step has run yet"):
+        nsg.ConceptMasksNode.execute(store, env["latent"], 0)
+    out = _run(env, guider, inv)
+    mask, heat = nsg.ConceptMasksNode.execute(store, {"samples": out}, 0).result
+    assert mask.shape == (1, 64, 64) and heat.shape == (1, 64, 64, 3)
+    # applied from step 2 of 8 on, keeping ~10 % per step: values are fractions of steps, never above 6/8
+    assert 0 < float(mask.max()) <= 6 / 8 + 1e-6 and float(mask.min()) >= 0
+    with pytest.raises(ValueError, match="out of range"):
+        nsg.ConceptMasksNode.execute(store, {"samples": out}, 3)

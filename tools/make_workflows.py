@@ -181,7 +181,7 @@ def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_inver
     g.link(sca, 0, dec, "samples")
     g.link(ckpt, 2, dec, "vae")
     g.link(dec, 0, save, "images")
-    return inv
+    return inv, sca
 
 
 def inversion_reconstruct() -> dict:
@@ -211,7 +211,7 @@ def inversion_eta_edit() -> dict:
                  widgets=["paper_A", 0.4, "0:0, 0.6:0, 1:0.7", 1.0], pos=(800, 300), size=(300, 260))
     g.link(ckpt, 0, cap, "model")
     g.link(ckpt, 1, cap, "clip")
-    inv = _invert_and_replay(g, ckpt, enc, src, neg, tgt, (cap, 0), "eta", 0, 5.0, eta_schedule=eta,
+    inv, _ = _invert_and_replay(g, ckpt, enc, src, neg, tgt, (cap, 0), "eta", 0, 5.0, eta_schedule=eta,
                              region=(cap, 1), prefix="photoops_eta_edit")
     save = g.node("PhotoOps_SaveInversion", inputs=[("inversion", "PHOTOOPS_INVERSION")], widgets=["photoops_eta"],
                   pos=(1500, 420), size=(260, 60))
@@ -239,13 +239,22 @@ def _semantic_edit(mode: str, title: str, note: str, prefix: str) -> dict:
     sg = g.node("PhotoOps_SemanticGuide", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
                                                   ("negative", "CONDITIONING"),
                                                   ("concepts", "PHOTOOPS_EDIT_CONCEPTS")],
-                outputs=[("GUIDER", "GUIDER")], widgets=[mode, 7.5, False, 0.3, 0.6, "intersect"],
+                outputs=[("GUIDER", "GUIDER"), ("masks", "PHOTOOPS_CONCEPT_MASKS")],
+                widgets=[mode, 7.5, False, 0.3, 0.6, "intersect"],
                 pos=(1500, 60), size=(300, 230), title=title)
     g.link(ckpt, 0, sg, "model")
     g.link(src, 0, sg, "positive")
     g.link(neg, 0, sg, "negative")
     g.link(add, 0, sg, "concepts")
-    _invert_and_replay(g, ckpt, enc, neg, neg, None, (ckpt, 0), "ddpm", 3, 1.0, prefix=prefix, guider=sg)
+    _, sca = _invert_and_replay(g, ckpt, enc, neg, neg, None, (ckpt, 0), "ddpm", 3, 1.0, prefix=prefix, guider=sg)
+    cm = g.node("PhotoOps_ConceptMasks", inputs=[("masks", "PHOTOOPS_CONCEPT_MASKS"), ("samples", "LATENT")],
+                outputs=[("mask", "MASK"), ("heatmap", "IMAGE")], widgets=[1], pos=(2100, 420), size=(260, 100),
+                title="Where 'green' acted")
+    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=[prefix + "_concept_mask"], pos=(2340, 420),
+                  size=(260, 280))
+    g.link(sg, 1, cm, "masks")
+    g.link(sca, 0, cm, "samples")
+    g.link(cm, 1, save, "images")
     return g.to_json(note)
 
 
