@@ -31,13 +31,7 @@ SCHED = VPSchedule.scaled_linear()
 N = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared; one thread is much faster for these tiny tensors."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tiny import one_thread  # noqa: E402,F401  (autouse fixture: one torch thread in this module)
 
 
 def ddim_sigmas(timesteps, final="s_final", sched=SCHED, dtype=torch.float64):

@@ -24,13 +24,7 @@ from photoops.kernels.sega import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared; one thread is much faster for these tiny tensors."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tiny import one_thread  # noqa: E402,F401  (autouse fixture: one torch thread in this module)
 
 
 def rnd(shape=(2, 4, 16, 16), seed=0, dtype=torch.float32):

@@ -78,3 +78,20 @@ def tiny_ledits_pipeline(seed: int = 0):
     with torch.no_grad():
         uncond = te(ids)[0]
     return pipe, uncond
+
+
+def _one_thread_fixture():
+    import pytest
+
+    @pytest.fixture(autouse=True, scope="module")
+    def one_thread():
+        """Tiny tensors run much faster on one thread (and the CPU may be shared): import into a test module."""
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(old)
+
+    return one_thread
+
+
+one_thread = _one_thread_fixture()
