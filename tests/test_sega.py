@@ -6,7 +6,6 @@ final latent, and ``LEditsPPPipelineStableDiffusion`` per-step ``activation_mask
 latent, both over tiny components built in code; the UNet outputs the pipelines computed are
 recorded with a forward hook and fed to our kernels.
 """
-import math
 
 import pytest
 import torch
