@@ -241,7 +241,7 @@ def _semantic_edit(mode: str, title: str, note: str, prefix: str) -> dict:
                                                   ("concepts", "PHOTOOPS_EDIT_CONCEPTS")],
                 outputs=[("GUIDER", "GUIDER"), ("masks", "PHOTOOPS_CONCEPT_MASKS")],
                 widgets=[mode, 7.5, False, 0.3, 0.6, "intersect"],
-                pos=(1500, 60), size=(300, 230), title=title)
+                pos=(1140, 20), size=(300, 240), title=title)
     g.link(ckpt, 0, sg, "model")
     g.link(src, 0, sg, "positive")
     g.link(neg, 0, sg, "negative")
