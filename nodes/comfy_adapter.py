@@ -148,8 +148,6 @@ def attach_attention_hooks(model, hooks: AttentionHooks, on_run_start=None):
 
 
 # -- tokens -----------------------------------------------------------------------------
-def _clip_tokenizers(clip_tokens: dict) -> list:
-    return list(clip_tokens.keys())
 
 
 def tokenize_word(clip, prompt: str, word: str) -> dict:
@@ -162,17 +160,23 @@ def tokenize_word(clip, prompt: str, word: str) -> dict:
     if not word or not word.strip():
         raise ValueError("the word to capture is empty")
     ptoks = clip.tokenize(prompt)
-    wtoks = clip.tokenize(word.strip())
     key = "l" if "l" in ptoks else next(iter(ptoks))
+    query, tok, special = _real_tokens(clip, word.strip())
+    positions = find_word_positions(ptoks[key], query, decode=_decoder(tok), special=tuple(special), word=word)
+    chunk_len = len(ptoks[key][0])
+    return {"positions": positions, "prompt_len": chunk_len * len(ptoks[key]), "tokens": ptoks[key]}
+
+
+def _real_tokens(clip, text: str):
+    """``(tokens, tokenizer, special ids)``: the tokens of ``text`` without BOS/EOS/padding."""
+    toks = clip.tokenize(text)
+    key = "l" if "l" in toks else next(iter(toks))
     tok = _sub_tokenizer(clip, key)
     special = {t for t in (getattr(tok, "start_token", None), getattr(tok, "end_token", None),
                            getattr(tok, "pad_token", None)) if t is not None}
-    query = [item[0] for chunk in wtoks[key] for item in chunk
-             if isinstance(item[0], torch.Tensor) or item[0] not in special]
-    decode = _decoder(tok)
-    positions = find_word_positions(ptoks[key], query, decode=decode, special=tuple(special), word=word)
-    chunk_len = len(ptoks[key][0])
-    return {"positions": positions, "prompt_len": chunk_len * len(ptoks[key]), "tokens": ptoks[key]}
+    real = [item[0] for chunk in toks[key] for item in chunk
+            if isinstance(item[0], torch.Tensor) or item[0] not in special]
+    return real, tok, special
 
 
 def _sub_tokenizer(clip, key):
@@ -241,10 +245,6 @@ def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 
 
-def check_interrupt() -> None:
-    comfy.model_management.throw_exception_if_processing_interrupted()
-
-
 # -- running our own sampler functions inside ComfyUI's sampling machinery ------------------
 def run_with_guider(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor, fn,
                     seed: int = 0):
@@ -279,18 +279,6 @@ def ksampler(fn, **extra_options):
     return comfy.samplers.KSAMPLER(fn, extra_options=extra_options)
 
 
-def inner_base_model(model_k):
-    """The BaseModel behind the ``model`` a KSAMPLER function receives."""
-    m = model_k
-    for _ in range(4):
-        if hasattr(m, "model_sampling") and hasattr(m, "diffusion_model"):
-            return m
-        m = getattr(m, "inner_model", None)
-        if m is None:
-            break
-    return None
-
-
 def fingerprint(model) -> dict:
     """Family + a hash of weights LoRAs leave alone (conv_in and the output conv).
 
@@ -314,10 +302,6 @@ def fingerprint(model) -> dict:
     if hasattr(model, "get_model_object"):
         fp["prediction"] = prediction_type(model)
     return fp
-
-
-def process_latent_out(model, x: torch.Tensor) -> torch.Tensor:
-    return model.model.process_latent_out(x)
 
 
 def interrupt_check():
@@ -356,12 +340,6 @@ def folder_file_path(name: str, filename: str) -> str:
     import folder_paths
 
     return folder_paths.get_full_path_or_raise(name, filename)
-
-
-def folder_dirs(name: str) -> list:
-    import folder_paths
-
-    return list(folder_paths.folder_names_and_paths[name][0])
 
 
 def patcher_of(model_k):
@@ -415,13 +393,7 @@ class CombineGuider(comfy.samplers.CFGGuider):
 
 def count_prompt_tokens(clip, text: str) -> int:
     """Number of real tokens (no BOS/EOS/padding) the CLIP tokenizer makes of ``text``."""
-    toks = clip.tokenize(text)
-    key = "l" if "l" in toks else next(iter(toks))
-    tok = _sub_tokenizer(clip, key)
-    special = {t for t in (getattr(tok, "start_token", None), getattr(tok, "end_token", None),
-                           getattr(tok, "pad_token", None)) if t is not None}
-    return sum(1 for chunk in toks[key] for item in chunk
-               if isinstance(item[0], torch.Tensor) or item[0] not in special)
+    return len(_real_tokens(clip, text)[0])
 
 
 def encode_text(clip, text: str):

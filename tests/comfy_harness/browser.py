@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -131,18 +130,7 @@ class Chromium:
             return ""
 
     def stop(self) -> None:
-        p = self.proc
-        if p is not None:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=10)
-            # Its renderer/zygote children share the session we created for it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
+        comfyenv.terminate(self.proc)      # its renderer/zygote children share the session we created
         self.proc = None
         if self._log is not None:
             self._log.close()

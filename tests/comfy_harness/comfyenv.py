@@ -128,3 +128,28 @@ def ensure_comfy_importable(cpu: bool | None = None) -> Path:
 
         comfy.cli_args.args.cpu = True
     return d
+
+
+def terminate(proc) -> None:
+    """SIGTERM ``proc`` (SIGKILL after 10 s), then SIGKILL its session (children it spawned).
+
+    Both the ComfyUI server and Chromium are started with ``start_new_session``, so the
+    session id is the child's PID.
+    """
+    import contextlib
+    import signal
+    import subprocess
+
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -300,21 +299,7 @@ class ComfyServer:
         raise ComfyError(f"ComfyUI did not answer /object_info within {self.start_timeout:.0f} s\n{self.log_tail()}")
 
     def _kill(self) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        if p is not None:
-            # Anything the server itself spawned lives in its own session
-            # (start_new_session), whose id is the server's PID.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
+        comfyenv.terminate(self.proc)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
