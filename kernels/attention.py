@@ -180,7 +180,11 @@ class TokenMapRecorder(AttentionHook):
             raise ValueError(f"steps must satisfy 0 <= start < end <= 1, got {steps}")
         self.positions = [int(p) for p in positions]
         self.prompt_len = int(prompt_len)
-        self._quarter_sizes = set()   # latent sizes known to have 1/4-size layers (kept across resets)
+        # latent size -> the layer factor ``lowres`` uses there (4, or the coarsest non-mid
+        # factor of a model without 1/4-size layers); learnt from the first full model call
+        # and kept across resets, so that later calls skip every other layer before any
+        # probability is computed.
+        self._lowres_factor = {}
         self.cond_index = cond_index
         self.layers = layers
         self.steps = (start, end)
@@ -188,6 +192,10 @@ class TokenMapRecorder(AttentionHook):
 
     def reset(self) -> None:
         """Forget everything recorded (called at the start of each sampling run)."""
+        if getattr(self, "_sums", None) and self.layers == "lowres" and self.latent_hw is not None:
+            factors = [k[0] for k in self._sums if not k[1]]
+            if factors:   # a full model call was seen: remember its coarsest level
+                self._lowres_factor.setdefault(self.latent_hw, 4 if 4 in factors else max(factors))
         self._sums = {}    # (factor, place_is_mid) -> [sum tensor, count, (h, w)]
         self.calls = 0
         self.latent_hw = None
@@ -212,16 +220,17 @@ class TokenMapRecorder(AttentionHook):
 
     def record(self, probs, layer, call) -> None:
         if self.layers == "lowres":
-            # Only 1/4-size layers are used when the model has them: skip the others
-            # (before computing any probability) once one has been seen for this latent
-            # size; that knowledge survives reset(), so per-step resets stay cheap.
+            # Only 1/4-size layers are used when the model has them (else the coarsest
+            # non-mid level): skip the others before computing any probability once the
+            # layout is known for this latent size (see ``_lowres_factor``).
             h, _ = fold_sequence(probs.queries, call.latent_hw)
             factor = -(-int(call.latent_hw[0]) // h)
             hw = tuple(int(v) for v in call.latent_hw)
-            if factor != 4 and hw in self._quarter_sizes:
+            known = self._lowres_factor.get(hw)
+            if known is not None and factor != known:
                 return
-            if factor == 4 and hw not in self._quarter_sizes:
-                self._quarter_sizes.add(hw)
+            if factor == 4 and known is None:
+                self._lowres_factor[hw] = 4
                 self._sums = {k: v for k, v in self._sums.items() if k[0] == 4}
                 self.calls = sum(v[1] for v in self._sums.values())
         rows = call.rows_of(self.cond_index)

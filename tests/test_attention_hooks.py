@@ -271,3 +271,34 @@ def test_lowres_skips_other_layers_after_reset(monkeypatch):
     one_pass()
     assert computed == [16 * 16]                # afterwards only the 1/4-size layer is computed
     assert rec.calls == 1 and list(rec._sums) == [(4, False)]
+
+
+def test_lowres_fallback_layout_is_remembered_across_resets(monkeypatch):
+    """A model without 1/4-size layers: after one full call only its coarsest non-mid level is computed,
+    and the map equals what a fresh recorder gives for the same call."""
+    computed = []
+    real_rows = ProbabilityCache.rows
+
+    def counting_rows(self, rows):
+        computed.append(self.queries)
+        return real_rows(self, rows)
+
+    monkeypatch.setattr(ProbabilityCache, "rows", counting_rows)
+    rec = TokenMapRecorder([1], prompt_len=10, layers="lowres")
+    torch.manual_seed(7)
+    passes = [[(torch.randn(2, L, 16), torch.randn(2, 10, 16), torch.randn(2, 10, 16)) for L in (16 * 16, 8 * 8)]
+              for _ in range(2)]
+
+    def one_pass(r, tensors):
+        for q, k, v in tensors:
+            AttentionHooks([r])(q, k, v, 2, LayerInfo("l", "down", 0), _call(rows=1, hw=(16, 16)), _sdpa(2))
+
+    one_pass(rec, passes[0])
+    assert computed == [16 * 16, 8 * 8]
+    rec.reset()
+    computed.clear()
+    one_pass(rec, passes[1])
+    assert computed == [8 * 8]                  # the 16x16 level is skipped before any softmax
+    fresh = TokenMapRecorder([1], prompt_len=10, layers="lowres")
+    one_pass(fresh, passes[1])
+    torch.testing.assert_close(rec.result(), fresh.result(), rtol=0, atol=0)
