@@ -417,3 +417,72 @@ def test_ledits_pp_parity_with_diffusers():
         x = sched.step(e_hat, t, x, variance_noise=zs[t_to_idx[int(t)]], eta=pipe.eta).prev_sample
     assert n_masked >= len(ts) - 2 and int(ts[0]) > 800 >= int(ts[1])   # (an intersection may be empty)
     assert torch.equal(x, ref)
+
+
+def test_our_attention_recording_matches_the_ledits_pp_attention_store():
+    """Issue 5: our cross-attention recording (TokenMapRecorder through the diffusers adapter's
+    hooks, 'lowres' layers) against LEdits++'s own ``LeditsAttentionStore``.
+
+    For every step of a real pipeline run we replay the UNet input the pipeline used (latent,
+    timestep, [uncond, concepts] embeddings) through our hooked denoiser and compare, per
+    concept, our map with the pipeline's ``aggregate_attention`` map summed over the same token
+    slots.  Both average heads and the 1/4-resolution up/down layers of the same probabilities;
+    they differ by float rounding (explicit baddbmm softmax vs our q*scale @ k softmax, and our
+    input x / sqrt(1 + sigma^2) recomputed from sigma), hence atol 1e-5 on maps whose token sums
+    are O(1).  Token slots: the pipeline's 75 padded slots (see the parity test above); our node
+    uses the concept's own tokens, which this comparison does not change (same probabilities).
+    """
+    from tiny import tiny_ledits_pipeline
+    from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as mod
+
+    from photoops.kernels.attention import AttentionHooks, TokenMapRecorder
+    from photoops.kernels.diffusers_adapter import DiffusersDenoiser
+    from photoops.kernels.schedule import VPSchedule
+
+    pipe, _ = tiny_ledits_pipeline(1)
+    img = rnd((1, 3, 32, 32), 31).clamp(-1, 1) * 0.5 + 0.5
+    with torch.no_grad():
+        pipe.invert(image=img, num_inversion_steps=6, skip=0.0, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red hat", "snow"]
+    maps, inputs = [], []
+    orig_agg = mod.LeditsAttentionStore.aggregate_attention
+
+    def recording_agg(self, *a, **k):
+        out = orig_agg(self, *a, **k)
+        maps.append(out.detach().clone())
+        return out
+
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: inputs.append((a[0].clone(), a[1].clone(), kw["encoder_hidden_states"].clone())),
+        with_kwargs=True)
+    mod.LeditsAttentionStore.aggregate_attention = recording_agg
+    try:
+        with torch.no_grad():
+            pipe(editing_prompt=prompts, edit_guidance_scale=[5.0, 5.0], edit_threshold=[0.9, 0.8],
+                 use_intersect_mask=True, output_type="latent", return_dict=False)
+    finally:
+        handle.remove()
+        mod.LeditsAttentionStore.aggregate_attention = orig_agg
+    K, n_tok = len(prompts), 75
+    assert len(maps) == K * len(inputs) and len(inputs) == 6
+
+    schedule = VPSchedule(pipe.scheduler.alphas_cumprod)
+    hooks = AttentionHooks()
+    recs = [hooks.add(TokenMapRecorder(list(range(1, 1 + n_tok)), 77, cond_index=1 + k, layers="lowres"))
+            for k in range(K)]
+    den = DiffusersDenoiser(pipe.unet, schedule, hooks=hooks)
+    worst = 0.0
+    for i, (sample, t, ctx) in enumerate(inputs):
+        sigma = schedule.sigmas[int(t)]
+        assert float(schedule.timestep(sigma)) == float(t)
+        for r in recs:
+            r.reset()
+        assert torch.equal(sample, sample[:1].expand_as(sample))     # one latent, 1 + K rows
+        den.predict_x0(sample[:1] * (1 + sigma ** 2).sqrt(), sigma, list(ctx.chunk(1 + K)))
+        for k in range(K):
+            theirs = maps[i * K + k][:, :, :, 1:1 + n_tok].sum(-1)
+            ours = recs[k].result()
+            assert ours.shape == theirs.shape == (1, 4, 4)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+            worst = max(worst, float((ours - theirs).abs().max()))
+    print(f"max |our map - LEdits++ store map| over {len(inputs)} steps x {K} concepts: {worst:.2e}")
