@@ -88,7 +88,7 @@ def _read_safetensors(path: str, keys: tuple | None = None):
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            names = list(f.keys()) if keys is None else [k for k in keys if k in f]
+            names = list(f.keys()) if keys is None else [k for k in keys if k in set(f.keys())]
             return {k: f.get_tensor(k) for k in names}, meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PopsFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
