@@ -1,9 +1,9 @@
 """PhotoOps nodes (ComfyUI V3).  Only imported inside ComfyUI."""
 from comfy_api.latest import ComfyExtension
 
-from . import attention_mask, inversion, semantic_guide
+from . import attention_mask, inversion, pops, semantic_guide
 
 
 class PhotoOpsExtension(ComfyExtension):
     async def get_node_list(self):
-        return [*attention_mask.NODES, *inversion.NODES, *semantic_guide.NODES]
+        return [*attention_mask.NODES, *inversion.NODES, *semantic_guide.NODES, *pops.NODES]

@@ -398,3 +398,156 @@ def count_prompt_tokens(clip, text: str) -> int:
 
 def encode_text(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+# ---- pOps (issue 6) ---------------------------------------------------------------------
+POPS_EXTENSIONS = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
+
+
+def register_model_folder(name: str, subdir: str, extensions=POPS_EXTENSIONS) -> None:
+    """Register ``models/<subdir>`` as model folder ``name`` accepting ``extensions`` (kept when it exists).
+
+    Users can add roots in extra_model_paths.yaml under ``name``; a folder created there
+    before us (empty extension set) gets our extensions.
+    """
+    import os
+
+    import folder_paths
+
+    path = os.path.join(folder_paths.models_dir, subdir)
+    entry = folder_paths.folder_names_and_paths.get(name)
+    if entry is None:
+        folder_paths.folder_names_and_paths[name] = ([path], set(extensions))
+        return
+    paths, exts = entry
+    if path not in paths:
+        paths.append(path)
+    if isinstance(exts, set):
+        exts.update(extensions)
+    else:
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
+
+
+def pops_compute_dtype(choice: str, n_params: int = 0) -> torch.dtype:
+    """``auto``: fp16 (or bf16) where ComfyUI's model management says the device supports it, else fp32."""
+    if choice != "auto":
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+    dev = comfy.model_management.get_torch_device()
+    if comfy.model_management.should_use_fp16(dev, model_params=n_params):
+        return torch.float16
+    if comfy.model_management.should_use_bf16(dev, model_params=n_params):
+        return torch.bfloat16
+    return torch.float32
+
+
+def module_patcher(module: torch.nn.Module):
+    """A ModelPatcher so ComfyUI's model management moves ``module`` on and off the compute device."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def load_on_device(patcher, extra_memory: int = 0):
+    """Load the patched module on its compute device (unloading other models if needed); returns the module."""
+    comfy.model_management.load_models_gpu([patcher], memory_required=extra_memory)
+    return patcher.model
+
+
+def intermediate_device():
+    return comfy.model_management.intermediate_device()
+
+
+def make_clip_vision_output(image_embeds: torch.Tensor, **extra):
+    """A core CLIP_VISION_OUTPUT carrying only ``image_embeds`` (hidden states set to None)."""
+    import comfy.clip_vision
+
+    out = comfy.clip_vision.Output()
+    out["image_embeds"] = image_embeds
+    out["last_hidden_state"] = None
+    out["penultimate_hidden_states"] = None
+    for k, v in extra.items():
+        out[k] = v
+    return out
+
+
+def image_embedding_consumer(model) -> tuple:
+    """``(family, width)`` of the image embedding a MODEL reads through unCLIP conditioning, or raises.
+
+    SDXL-family models (SDXL, SSD-1B, Vega, KOALA...) read the first 1280 values of the
+    unCLIP ADM vector as their pooled embedding ("revision"); SD2.x-unCLIP reads 1024/768.
+    SD1.x and other families ignore unCLIP conditioning silently, so they are refused.
+    """
+    import comfy.model_base
+
+    base = model.model
+    if isinstance(base, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
+        return type(base).__name__, 1280
+    if isinstance(base, comfy.model_base.SD21UNCLIP):
+        return "SD21UNCLIP", int(base.noise_augmentor.time_embed.dim)
+    raise UnsupportedModelError(
+        f"{type(base).__name__} models do not read an image embedding through unCLIP conditioning (it would be "
+        f"ignored); render pOps embeddings with an SDXL model (revision) or SDXL + IP-Adapter (ip-adapter_sdxl)")
+
+
+def context_width(model) -> int:
+    dm = model.get_model_object("diffusion_model")
+    w = getattr(dm, "context_dim", None)
+    if w is None:
+        for name, mod in dm.named_modules():
+            if name.endswith("attn2.to_k"):
+                return int(mod.in_features)
+        raise UnsupportedModelError("cannot find the cross-attention context width of this model")
+    return int(w)
+
+
+def load_clip_vision_any(path: str, heads=None, hidden_act=None):
+    """A core CLIP_VISION from a transformers-layout CLIP vision file of any size.
+
+    Files core ComfyUI recognises (ViT-L/H/bigG, SigLIP, DINOv2) go through
+    ``comfy.clip_vision.load`` unchanged.  Otherwise the config is read from the shapes
+    (heads and activation from the safetensors metadata, else hidden/64 and gelu) and the
+    model is built with core's ``ClipVisionModel`` (so encoding is core's code).
+    """
+    import json
+    import os
+    import tempfile
+
+    import comfy.clip_vision
+    import comfy.utils
+
+    cv = comfy.clip_vision.load(path)
+    if cv is not None:
+        return cv
+    sd, meta = comfy.utils.load_torch_file(path, return_metadata=True)
+    meta = meta or {}
+    pre = "vision_model."
+    need = [pre + "embeddings.class_embedding", pre + "embeddings.patch_embedding.weight",
+            pre + "embeddings.position_embedding.weight", "visual_projection.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"{os.path.basename(path)} is not a CLIP vision model (missing {missing[:2]})")
+    hidden = sd[pre + "embeddings.class_embedding"].shape[0]
+    patch = sd[pre + "embeddings.patch_embedding.weight"].shape[-1]
+    n_pos = sd[pre + "embeddings.position_embedding.weight"].shape[0]
+    side = round((n_pos - 1) ** 0.5)
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(pre + "encoder.layers."))
+    heads = int(heads or meta.get("num_attention_heads") or max(1, hidden // 64))
+    cfg = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": hidden_act or meta.get("hidden_act", "gelu"),
+           "hidden_size": hidden, "image_size": side * patch, "initializer_factor": 1.0,
+           "initializer_range": 0.02,
+           "intermediate_size": sd[pre + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+           "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": heads,
+           "num_channels": 3, "num_hidden_layers": layers, "patch_size": patch,
+           "projection_dim": sd["visual_projection.weight"].shape[0]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
+    try:
+        cv = comfy.clip_vision.ClipVisionModel(f.name)
+    finally:
+        os.unlink(f.name)
+    m, _ = cv.load_sd(sd)
+    if m:
+        raise ValueError(f"{os.path.basename(path)}: CLIP vision weights do not fit the inferred config "
+                         f"(missing {list(m)[:3]})")
+    return cv

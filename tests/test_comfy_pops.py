@@ -1,0 +1,158 @@
+"""pOps nodes inside a real ComfyUI, in-process (skipped with the reason when COMFYUI_DIR is unset).
+
+Uses the tiny fixtures of ``comfy_harness/pops_fixtures.py``: a 1280-wide operator, a
+1280-projection CLIP vision tower (core ClipVisionModel + core CLIPVisionEncode) and a
+UNet that ComfyUI detects as an SDXL-family model.
+"""
+import pytest
+import torch
+from comfy_harness import inprocess
+
+inprocess.require("test_comfy_pops")
+
+import comfy.model_management
+import comfy.sd
+import folder_paths
+from comfy_harness.pops_fixtures import cached_pops_fixtures
+from photoops.kernels import pops as kp
+from photoops.kernels import pops_weights as pw
+from photoops.nodes import comfy_adapter as ca
+from photoops.nodes import pops as npops
+from tiny import one_thread  # noqa: F401
+
+import nodes as core_nodes
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    files = cached_pops_fixtures()
+    ca.register_model_folder(npops.FOLDER, npops.FOLDER)
+    folder_paths.add_model_folder_path(npops.FOLDER, str(files["pops"][0].parent))
+    folder_paths.add_model_folder_path("clip_vision", str(files["clip_vision"][0].parent))
+    op = npops.PopsOperatorLoaderNode.execute(files["pops"][0].name, npops.IN_FILE, "auto").result[0]
+    cv = npops.CLIPVisionLoaderAnyNode.execute(files["clip_vision"][0].name).result[0]
+    g = torch.Generator().manual_seed(0)
+    img_a = torch.rand(1, 64, 64, 3, generator=g)
+    img_b = torch.rand(1, 48, 80, 3, generator=g)
+    enc = core_nodes.CLIPVisionEncode()
+    a = enc.encode(cv, img_a, "center")[0]
+    b = enc.encode(cv, img_b, "center")[0]
+    return {"files": files, "op": op, "cv": cv, "a": a, "b": b}
+
+
+def _apply(env, a=None, b=None, **kw):
+    args = {"steps": 6, "guidance": -1.0, "seed": 42, "drop_a": False, "drop_b": False}
+    args.update(kw)
+    return npops.OperatorApplyNode.execute(env["op"], a if a is not None else env["a"], input_b=b, **args).result
+
+
+def test_loader_and_operator_apply_equal_the_kernel(env):
+    op = env["op"]
+    assert op.name == "texturing" and op.default_guidance == 8.0 and op.config.embedding_dim == 1280
+    assert env["a"].image_embeds.shape == (1, 1280)
+    cvo, pos, neg = _apply(env, b=env["b"])
+    assert cvo.image_embeds.shape == (1, 1280) and cvo.last_hidden_state is None
+    assert torch.equal(pos, cvo.image_embeds) and torch.equal(neg, torch.zeros_like(pos))
+    # the node is exactly the kernel sampler with the operator's default guidance (texturing: 8)
+    A = kp.normalize(env["a"].image_embeds, op.mean, op.std)
+    B = kp.normalize(env["b"].image_embeds, op.mean, op.std)
+    H, Hn, M = kp.build_condition([A, B])
+    prior = ca.load_on_device(op.patcher)
+    want = kp.sample(prior, H, M, op.mean, op.std, steps=6, guidance=8.0, seed=42, H_neg=Hn)
+    torch.testing.assert_close(cvo.image_embeds.float().cpu(), want.cpu(), rtol=0, atol=0)
+    # the prior is managed by ComfyUI's model management
+    assert any(lm.model is op.patcher for lm in comfy.model_management.current_loaded_models)
+    # chaining: the output is a valid input, and B unconnected = dropped B (zero token, mask kept)
+    out2 = _apply(env, a=cvo, b=env["a"])[0]
+    assert out2.image_embeds.shape == (1, 1280) and not torch.equal(out2.image_embeds, cvo.image_embeds)
+    dropped = _apply(env, b=env["b"], drop_b=True)[0].image_embeds
+    unconnected = _apply(env)[0].image_embeds
+    torch.testing.assert_close(dropped, unconnected, rtol=0, atol=0)
+    assert not torch.equal(dropped, cvo.image_embeds)
+
+
+def test_released_layout_through_the_loader_node(env, tmp_path):
+    """A .pth in the released layout (no stats) + a statistics file, listed from models/pops."""
+    src = pw.load_operator(str(env["files"]["pops"][0]))
+    d = tmp_path / "union"
+    d.mkdir()
+    torch.save({k: v.float() for k, v in src.state_dict.items()}, d / "learned_prior.pth")
+    from safetensors.torch import save_file
+
+    save_file({"clip_mean": src.mean[None], "clip_std": src.std[None]}, tmp_path / "kandinsky_stats.safetensors")
+    folder_paths.add_model_folder_path(npops.FOLDER, str(tmp_path))
+    listed = folder_paths.get_filename_list(npops.FOLDER)
+    assert "union/learned_prior.pth" in listed and "kandinsky_stats.safetensors" in listed
+    with pytest.raises(pw.PopsFileError, match="no clip_mean/clip_std"):
+        npops.PopsOperatorLoaderNode.execute("union/learned_prior.pth", npops.IN_FILE, "fp32")
+    op = npops.PopsOperatorLoaderNode.execute("union/learned_prior.pth", "kandinsky_stats.safetensors",
+                                              "fp32").result[0]
+    assert op.name == "union" and op.default_guidance == 8.0 and op.dtype == torch.float32
+    # fp16 stored weights vs the fp32 copy: same network up to rounding of the embedding inputs
+    o1 = npops.OperatorApplyNode.execute(op, env["a"], input_b=env["b"], steps=4, guidance=1.0, seed=1,
+                                         drop_a=False, drop_b=False).result[0].image_embeds
+    o2 = npops.OperatorApplyNode.execute(env["op"], env["a"], input_b=env["b"], steps=4, guidance=1.0, seed=1,
+                                         drop_a=False, drop_b=False).result[0].image_embeds
+    torch.testing.assert_close(o1.float(), o2.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_bad_inputs(env):
+    vit_h = ca.make_clip_vision_output(torch.randn(1, 1024))
+    with pytest.raises(kp.EmbeddingWidthError, match=r"1024-d.*1280-d"):
+        _apply(env, a=vit_h)
+    with pytest.raises(kp.EmbeddingWidthError, match=r"input_b is a 1024-d"):
+        _apply(env, b=vit_h)
+    with pytest.raises(ValueError, match="batch sizes"):
+        _apply(env, a=ca.make_clip_vision_output(torch.randn(2, 1280)),
+               b=ca.make_clip_vision_output(torch.randn(3, 1280)))
+    batched = _apply(env, a=ca.make_clip_vision_output(torch.randn(3, 1280)), b=env["b"])[0]
+    assert batched.image_embeds.shape == (3, 1280)
+
+
+def test_interrupt_stops_the_sampler(env):
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _apply(env, b=env["b"], steps=20)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+
+
+def test_revision_conditioning_feeds_sdxl_pooled_input(env):
+    unet = comfy.sd.load_diffusion_model(str(env["files"]["diffusion_models"][0]))
+    assert type(unet.model).__name__ == "SDXL" and type(unet.model.model_config).__name__ == "Segmind_Vega"
+    cvo = _apply(env, b=env["b"])[0]
+    pos, neg = npops.PopsRevisionConditioningNode.execute(unet, cvo, 1.0, 0.0).result
+    assert pos[0][0].shape == (1, 77, 2048)
+    y = unet.model.encode_adm(device="cpu", width=64, height=64, seed=0, **pos[0][1])
+    assert y.shape == (1, 2816)
+    e = cvo.image_embeds.float()
+    # noise augmentation 0 = the embedding itself up to the unCLIP augmentor's level-0 noise
+    assert torch.nn.functional.cosine_similarity(y[:, :1280], e).item() > 0.999
+    y_neg = unet.model.encode_adm(device="cpu", width=64, height=64, **neg[0][1])
+    assert y_neg[:, :1280].abs().max() == 0
+    # sampling runs and the image embedding changes the result
+    lat = {"samples": torch.zeros(1, 4, 8, 8)}
+    s1 = core_nodes.common_ksampler(unet, 0, 2, 4.0, "euler", "normal", pos, neg, lat)[0]["samples"]
+    other = npops.PopsRevisionConditioningNode.execute(unet, env["a"], 1.0, 0.0).result[0]
+    s2 = core_nodes.common_ksampler(unet, 0, 2, 4.0, "euler", "normal", other, neg, lat)[0]["samples"]
+    assert torch.isfinite(s1).all() and not torch.allclose(s1, s2)
+
+
+def test_revision_conditioning_refuses_sd15(env):
+    model, _, _, _ = inprocess.load_fixture()
+    from photoops.kernels.protocol import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="SDXL"):
+        npops.PopsRevisionConditioningNode.execute(model, env["a"], 1.0, 0.0)
+
+
+def test_mean_baseline(env):
+    op = env["op"]
+    cvo, emb = npops.PopsMeanNode.execute(op, env["a"], env["b"], 0.5).result
+    za = kp.normalize(env["a"].image_embeds, op.mean, op.std)
+    zb = kp.normalize(env["b"].image_embeds, op.mean, op.std)
+    torch.testing.assert_close(kp.normalize(cvo.image_embeds, op.mean, op.std), (za + zb) / 2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(emb, cvo.image_embeds)
+    torch.testing.assert_close(npops.PopsMeanNode.execute(op, env["a"], env["b"], 0.0).result[0].image_embeds,
+                               env["a"].image_embeds.float(), rtol=1e-5, atol=1e-5)
