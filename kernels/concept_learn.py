@@ -48,7 +48,7 @@ from .schedule import VPSchedule
 
 __all__ = [
     "ConceptConfig", "ConceptText", "GradDenoiser", "ConceptAttention", "ConceptResult",
-    "validate_names", "parse_presence", "parse_caption", "draw_subset", "subset_prompt", "masked_loss", "attention_loss",
+    "validate_names", "stack_images", "parse_presence", "parse_caption", "draw_subset", "subset_prompt", "masked_loss", "attention_loss",
     "dense_crf", "masks_from_attention", "mask_iou", "e_step", "learn_concepts", "NAME_RE",
 ]
 
@@ -158,6 +158,18 @@ def validate_names(names: Sequence[str], init_words: Sequence[str], text: Option
     for w in init_words:
         if not w or not w.strip():
             raise ValueError("an init word is empty; give a real word per concept (e.g. 'dog', 'object')")
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack ``[C, H, W]`` photos; a clear error when there are none or their sizes differ."""
+    if images is None or len(images) == 0:
+        raise ValueError("ConceptLearn needs at least one image")
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    for i, s in enumerate(sizes):
+        if s != sizes[0]:
+            raise ValueError(f"all photos must have the same size: image 0 is {sizes[0][1]}x{sizes[0][0]}, image {i} "
+                             f"is {s[1]}x{s[0]} (width x height); resize or crop them to one size first")
+    return torch.stack(list(images))
 
 
 def parse_presence(spec: str, n_images: int, n_concepts: int) -> torch.Tensor:
@@ -443,7 +455,7 @@ class ConceptResult:
     mask_history: list = field(default_factory=list)   # masks after each E-step
     em_log: list = field(default_factory=list)         # per E-step info
     steps_done: int = 0
-    early_stopped: bool = False
+    early_stopped: bool = False         # masks converged: later E-steps skipped (but not the final one)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -569,7 +581,8 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
                     loss = loss + attention_loss(amap, m16, cfg.lambda_attn)
                 rec.start({}, keep_grad=False)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # gradient for the concept vectors only: frozen weights never get a .grad
+                (vectors.grad,) = torch.autograd.grad(loss, [vectors])
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_([vectors], cfg.grad_clip)
                 opt.step()
@@ -580,16 +593,18 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
                     progress(step, total, res.losses[-1])
                 if checkpoint is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
                     checkpoint(step, vectors.detach().clone(), "periodic")
-            # ---- E-step
+            # ---- E-step (skipped once the masks have converged, except after the last round)
+            if res.early_stopped and r < rounds - 1:
+                continue
             masks_new, info = e_step(den, text, rec, latents, images, vectors.detach(), presence, masks, cfg, cap_parts)
             res.em_log.append({"round": r + 1, **info})
             masks = masks_new
             res.mask_history.append(masks.clone().cpu())
-            # early stop (spec §4 schedule): masks stable between consecutive E-steps; never
-            # before one full round has run from E-step masks
-            if r < rounds - 1 and len(res.mask_history) >= 2 and info["mean_iou_prev"] >= cfg.early_stop_iou:
+            # convergence (spec §4 schedule, "early stop" at mean IoU > 0.95 between consecutive
+            # E-steps): we stop re-estimating the masks but still spend the whole token budget,
+            # so ``steps`` means what it says [D]
+            if len(res.mask_history) >= 2 and info["mean_iou_prev"] >= cfg.early_stop_iou:
                 res.early_stopped = True
-                break
     except BaseException:
         if checkpoint is not None:
             checkpoint(step, vectors.detach().clone(), "interrupted")

@@ -2,8 +2,9 @@
 from comfy_api.latest import ComfyExtension
 
 from . import attention_mask, inversion, pops, semantic_guide
+from . import concept_learn
 
 
 class PhotoOpsExtension(ComfyExtension):
     async def get_node_list(self):
-        return [*attention_mask.NODES, *inversion.NODES, *semantic_guide.NODES, *pops.NODES]
+        return [*attention_mask.NODES, *inversion.NODES, *semantic_guide.NODES, *concept_learn.NODES]

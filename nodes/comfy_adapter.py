@@ -400,6 +400,223 @@ def encode_text(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+# ---- ConceptLearn (issue 7) -------------------------------------------------------------
+# Differentiable text encoding with spliced concept rows, a graph-keeping denoiser over the
+# patched ModelPatcher, VAE encoding into model space, and standard embedding files.
+CONCEPT_EMBED_KEY = "emb_params"
+
+
+def concept_clip_model(clip):
+    """The single CLIP text model of an SD1.x / SD2.x CLIP object; SDXL and others are refused."""
+    csm = clip.cond_stage_model
+    name = getattr(csm, "clip", None)
+    sub = getattr(csm, name, None) if isinstance(name, str) else None
+    if sub is None or not hasattr(sub, "transformer") or hasattr(csm, "clip_g"):
+        raise UnsupportedModelError(
+            f"ConceptLearn trains SD1.x / SD2.x embeddings (one CLIP text encoder); this CLIP is "
+            f"{type(csm).__name__} (SDXL needs clip_l + clip_g vectors, not supported yet)")
+    return sub, name.replace("clip_", "")
+
+
+class ComfyConceptText:
+    """:class:`~..kernels.concept_learn.ConceptText` over a ComfyUI CLIP object.
+
+    A prompt is assembled as one 77-item chunk ``BOS, tokens..., EOS, PAD...``; each concept
+    slot is ``m`` items holding the learnable rows themselves, which ComfyUI's
+    ``process_tokens`` splices into the input embeddings with ``torch.cat`` (differentiable).
+    The text encoder's own weights and embedding table are never touched; the CLIP object's
+    clip-skip setting is respected (``encode_from_tokens``).
+    """
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.sub, self.key = concept_clip_model(clip)
+        self.tok = _sub_tokenizer(clip, self.key)
+        self.width = int(self.sub.transformer.get_input_embeddings().weight.shape[1])
+        self.max_length = int(getattr(self.tok, "max_length", 77))
+
+    def _ids(self, text: str) -> list:
+        if not text.strip():
+            return []
+        real, _, _ = _real_tokens(self.clip, text)
+        if any(isinstance(t, torch.Tensor) for t in real):
+            raise ValueError(f"the text {text!r} contains an embedding; ConceptLearn prompts take plain words")
+        return [int(t) for t in real]
+
+    def init_vector(self, word: str) -> torch.Tensor:
+        ids = self._ids(word)
+        if not ids:
+            raise ValueError(f"the init word {word!r} tokenizes to nothing")
+        w = self.sub.transformer.get_input_embeddings().weight
+        return w[ids[0]].detach().float().cpu().clone()
+
+    def is_single_token(self, name: str) -> bool:
+        return len(self._ids(name)) == 1
+
+    def encode(self, parts, vectors: torch.Tensor):
+        m = vectors.shape[1]
+        start, end = getattr(self.tok, "start_token", None), self.tok.end_token
+        pad = getattr(self.tok, "pad_token", end)
+        items, positions = ([] if start is None else [(start, 1.0)]), {}
+        for p in parts:
+            if isinstance(p, str):
+                items += [(t, 1.0) for t in self._ids(p)]
+            else:
+                k = int(p)
+                positions.setdefault(k, [])
+                for i in range(m):
+                    positions[k].append(len(items))
+                    items.append((vectors[k, i], 1.0))
+        if len(items) + 1 > self.max_length:
+            raise ValueError(f"the prompt needs {len(items) + 1} tokens; one chunk holds {self.max_length}")
+        items.append((end, 1.0))
+        items += [(pad, 1.0)] * (self.max_length - len(items))
+        tokens = {self.key: [items]}
+        with _out_of_place_clip_layers(self.sub):
+            cond = self.clip.encode_from_tokens(tokens)
+        return cond, positions
+
+
+def _clip_layer_forward(layer, x, mask=None, optimized_attention=None):
+    """ComfyUI's ``CLIPLayer.forward`` without the in-place residual adds (same math; autograd-safe)."""
+    x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+class _out_of_place_clip_layers:
+    """For one encode: give each CLIP layer of ``sub`` an instance-level out-of-place forward.
+
+    ComfyUI's CLIP layers add residuals in place (``x += ...``), which autograd rejects when
+    gradients must reach the input embeddings.  Only this model's instances are touched,
+    and only until the ``with`` block ends.
+    """
+
+    def __init__(self, sub):
+        import functools
+
+        from comfy.clip_model import CLIPLayer
+
+        self.layers = [m for m in sub.modules() if isinstance(m, CLIPLayer)]
+        self.partial = functools.partial
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.forward = self.partial(_clip_layer_forward, layer)
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        return False
+
+
+class ComfyGradDenoiser:
+    """:class:`~..kernels.concept_learn.GradDenoiser` over a (hooked) ModelPatcher.
+
+    Calls ``BaseModel.apply_model`` (k-diffusion input, x0 output: ComfyUI's own
+    ``calculate_input`` / ``calculate_denoised``) with the patcher's transformer options, so
+    the attn2 replace patches of :func:`attach_attention_hooks` see the call as cond 0.
+    Call :meth:`load` first (weights patched and on the device).
+    """
+
+    def __init__(self, patcher):
+        ensure_supported(patcher)
+        self.patcher = patcher
+        self.schedule = vp_schedule(patcher)
+        self.prediction_type = prediction_type(patcher)
+        self.device = comfy.model_management.get_torch_device()
+
+    def load(self):
+        comfy.model_management.load_models_gpu([self.patcher])
+        self.device = self.patcher.load_device
+
+    def predict_x0_grad(self, x, sigma, cond):
+        model = self.patcher.model
+        B = x.shape[0]
+        x = x.to(self.device)
+        sigma = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(B)
+        opts = dict(self.patcher.model_options.get("transformer_options", {}))
+        opts.update({"cond_or_uncond": [0], "sigmas": sigma, "uuids": [None]})
+        ctx = cond.to(self.device).expand(B, -1, -1)
+        out = model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=opts)
+        return out.float()
+
+
+def encode_images_for_training(model, vae, images: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W, 3]`` in [0,1] -> model-space latents ``[N, C, h, w]`` (``process_latent_in``), float32."""
+    lat = vae.encode(images[..., :3])
+    return model.model.process_latent_in(lat.float()).float()
+
+
+def embeddings_dir() -> str:
+    """The first configured embeddings folder (what ``embedding:NAME`` searches first)."""
+    import os
+
+    import folder_paths
+
+    d = folder_paths.get_folder_paths("embeddings")[0]
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def embedding_files() -> list:
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list("embeddings") if f.endswith(".safetensors")]
+
+
+def embedding_path(name: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise("embeddings", name)
+
+
+def save_concept_embedding(path: str, vectors: torch.Tensor, metadata: dict) -> None:
+    """One concept per file, ``{"emb_params": [m, d] float32}`` (spec §8.2), written atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({CONCEPT_EMBED_KEY: vectors.detach().float().cpu().contiguous()}, tmp,
+              metadata={str(k): str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def read_concept_embedding(path: str) -> tuple:
+    """``(vectors [m, d], metadata)``; ``emb_params`` or the alphabetically first tensor (ComfyUI's rule 5)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = sorted(f.keys())
+        if not keys:
+            raise ValueError(f"{path} holds no tensor")
+        key = CONCEPT_EMBED_KEY if CONCEPT_EMBED_KEY in keys else keys[0]
+        t = f.get_tensor(key)
+        meta = f.metadata() or {}
+    return t.reshape(-1, t.shape[-1]).float(), meta
+
+
+def lookup_embedding(name: str, width: int, key: str = "clip_l"):
+    """What ComfyUI's prompt syntax ``embedding:NAME`` loads (``comfy.sd1_clip.load_embed``), or None."""
+    import comfy.sd1_clip
+    import folder_paths
+
+    return comfy.sd1_clip.load_embed(name, folder_paths.get_folder_paths("embeddings"), width, key)
+
+
+def progress_text(node_id, text: str) -> None:
+    """Text under the node in the UI (the current loss); silently nothing without a server."""
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # noqa: BLE001 - no server (tests, scripts)
+        pass
+
+
 # ---- pOps (issue 6) ---------------------------------------------------------------------
 POPS_EXTENSIONS = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
 

@@ -1,0 +1,163 @@
+"""Concept Learn through a real ComfyUI in-process (SD1.5-format random-weight fixture).
+
+Skipped (with the reason printed) when COMFYUI_DIR is unset.  Random weights: these tests
+check plumbing (files, loading through ComfyUI's embedding path, frozen weights, errors,
+interruption, resume, caching), not learning quality (see test_concept_learn.py).
+"""
+import os
+
+import pytest
+import torch
+
+from comfy_harness import inprocess
+
+inprocess.require("test_comfy_concept_learn")
+
+import comfy.model_management  # noqa: E402
+import folder_paths  # noqa: E402
+
+from photoops.kernels import concept_learn as kcl  # noqa: E402
+from photoops.nodes import comfy_adapter as ca  # noqa: E402
+from photoops.nodes import concept_learn as ncl  # noqa: E402
+from tiny import one_thread  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    model, clip, vae, _ = inprocess.load_fixture(vae=True)
+    emb_dir = tmp_path_factory.mktemp("embeddings")
+    old = folder_paths.folder_names_and_paths.get("embeddings")
+    folder_paths.folder_names_and_paths["embeddings"] = ([str(emb_dir)], {".safetensors", ".pt", ".bin"})
+    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 64, 80, 3, generator=g)
+    yield {"model": model, "clip": clip, "vae": vae, "dir": str(emb_dir), "images": images}
+    if old is not None:
+        folder_paths.folder_names_and_paths["embeddings"] = old
+
+
+def _run(env, names="cl_aa, cl_bb", words="dog, room", steps=3, **kw):
+    args = dict(steps=steps, learning_rate=1e-2, em_rounds=2, seed=0, resolution=64, save_every=0)
+    args.update(kw)
+    return ncl.ConceptLearnNode.execute(env["model"], env["clip"], env["vae"], env["images"], names, words, **args)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_learn_saves_standard_embeddings_that_change_the_conditioning(env):
+    unet0 = _state(env["model"].model.diffusion_model)
+    te0 = _state(env["clip"].cond_stage_model)
+    opts0 = repr(env["model"].model_options)
+    out = _run(env, unassigned_label=False)
+    clip_out, masks, prev, hint, loss = out.result
+    assert clip_out is env["clip"]
+    assert masks.shape == (4, 64, 64) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert prev.shape == (2, 64, 64, 3)
+    assert hint == "a photo of embedding:cl_aa and embedding:cl_bb"
+    assert len(loss["loss"]) == 3
+    # frozen: UNet, text encoder (embedding table included), the input MODEL's options
+    for k, v in env["model"].model.diffusion_model.state_dict().items():
+        assert torch.equal(v, unet0[k]), k
+    for k, v in env["clip"].cond_stage_model.state_dict().items():
+        assert torch.equal(v, te0[k]), k
+    assert repr(env["model"].model_options) == opts0
+    # the file: one emb_params [1, 768] float32 tensor + string metadata
+    path = os.path.join(env["dir"], "cl_aa.safetensors")
+    vec, meta = ca.read_concept_embedding(path)
+    from safetensors.torch import load_file
+    raw = load_file(path)
+    assert list(raw) == ["emb_params"] and raw["emb_params"].shape == (1, 768)
+    assert raw["emb_params"].dtype == torch.float32
+    assert meta["method"] == "conceptlearn-em" and meta["init_word"] == "dog" and meta["concept"] == "cl_aa"
+    # ComfyUI's own embedding lookup finds it, and the prompt syntax embedding:NAME uses it
+    looked = ca.lookup_embedding("cl_aa", 768, "clip_l")
+    assert looked is not None and torch.equal(looked.float().reshape(1, 768), vec)
+    clip = env["clip"]
+    tok = clip.tokenizer.clip_l
+    old = tok.embedding_directory
+    tok.embedding_directory = [env["dir"]]
+    try:
+        toks = clip.tokenize("a photo of embedding:cl_aa")
+        items = [it[0] for it in toks["l"][0]]
+        emb_items = [i for i, t in enumerate(items) if isinstance(t, torch.Tensor)]
+        assert emb_items == [4]
+        assert torch.equal(items[4].float(), vec[0])
+        with torch.no_grad():
+            c_emb = clip.encode_from_tokens(toks)
+            c_init = clip.encode_from_tokens(clip.tokenize("a photo of dog"))
+            spliced, _ = ca.ComfyConceptText(clip).encode(["a photo of", 0], vec[None])
+    finally:
+        tok.embedding_directory = old
+    assert not torch.allclose(c_emb, c_init, atol=1e-4)      # learning changed the conditioning
+    assert torch.allclose(c_emb, spliced, atol=1e-5)          # and it is what training saw
+
+
+def test_splicing_a_word_row_equals_prompting_the_word(env):
+    text = ca.ComfyConceptText(env["clip"])
+    with torch.no_grad():
+        spliced, pos = text.encode(["a photo of", 0, "and", 1], torch.stack([text.init_vector("dog"),
+                                                                             text.init_vector("cat")])[:, None])
+        plain = env["clip"].encode_from_tokens(env["clip"].tokenize("a photo of dog and cat"))
+    assert pos == {0: [4], 1: [6]}
+    assert torch.allclose(spliced, plain, atol=1e-5)
+
+
+def test_interrupt_leaves_a_loadable_checkpoint_and_resume_finishes(env, monkeypatch):
+    calls = {"n": 0}
+
+    def interrupt():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise comfy.model_management.InterruptProcessingException()
+        return False
+
+    monkeypatch.setattr(ca, "interrupt_check", interrupt)
+    opts0 = repr(env["model"].model_options)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _run(env, names="cl_int", words="dog", steps=6)
+    monkeypatch.undo()
+    ck = os.path.join(env["dir"], "conceptlearn", "cl_int-interrupted-2.safetensors")
+    assert os.path.exists(ck)
+    assert not os.path.exists(os.path.join(env["dir"], "cl_int.safetensors"))
+    assert ca.lookup_embedding("conceptlearn/cl_int-interrupted-2", 768, "clip_l") is not None
+    assert repr(env["model"].model_options) == opts0
+    out = _run(env, names="cl_int", words="dog", steps=6, resume_from="conceptlearn/cl_int-interrupted-2.safetensors")
+    assert len(out.result[4]["loss"]) == 4                   # steps 3..6
+    assert os.path.exists(os.path.join(env["dir"], "cl_int.safetensors"))
+
+
+def test_unchanged_inputs_do_not_retrain(env, monkeypatch):
+    first = _run(env, names="cl_cache", words="dog", steps=2)
+
+    def boom(*a, **k):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(kcl, "learn_concepts", boom)
+    again = _run(env, names="cl_cache", words="dog", steps=2)
+    assert torch.equal(first.result[1], again.result[1]) and first.result[4] == again.result[4]
+    with pytest.raises(ValueError, match="already exists"):       # changed inputs, same name, no overwrite
+        _run(env, names="cl_cache", words="dog", steps=3)
+
+
+def test_bad_inputs(env):
+    with pytest.raises(ValueError, match="already a word"):
+        _run(env, names="dog", words="cat")
+    with pytest.raises(ValueError, match="at least one image"):
+        ncl.ConceptLearnNode.execute(env["model"], env["clip"], env["vae"], torch.zeros(0, 64, 64, 3), "cl_z", "dog",
+                                     2, 1e-2, 1, 0, 64)
+    with pytest.raises(ValueError, match="init word"):
+        _run(env, names="cl_x, cl_y", words="dog")
+    with pytest.raises(ValueError, match="image-major"):
+        _run(env, names="cl_x", words="dog", init_masks=torch.ones(3, 64, 80))
+    with pytest.raises(ValueError, match="the images"):
+        _run(env, names="cl_x", words="dog", init_masks=torch.ones(2, 32, 32))
+    assert not os.path.exists(os.path.join(env["dir"], "cl_x.safetensors"))
+
+
+def test_user_masks_are_the_start(env):
+    m = torch.zeros(2, 64, 80)
+    m[:, 10:40, 20:60] = 1
+    out = _run(env, names="cl_um", words="dog", steps=1, em_rounds=1, init_masks=m)
+    assert out.result[1].shape == (2, 64, 64)
