@@ -1,0 +1,534 @@
+"""InstructBrush: attention-based instruction optimisation for InstructPix2Pix.
+
+Zhao et al., "InstructBrush: Learning Attention-based Instruction Optimization for Image
+Editing", arXiv 2403.18660; spec ``shared/docs/algorithms/instructbrush.md`` (cited as §x).
+The paper's code is not public; what the spec marks [ours] is decided here and flagged.
+
+Pieces
+------
+* :class:`LearnedInstruction` — the learned keys/values (§4.1). For the conditional text
+  branch of every cross-attention layer ``l``::
+
+      K^l = [K_0^l ; gamma_K^l ; W_K^l c_{m+1..}]      V^l = [V_0^l ; gamma_V^l ; W_V^l c_{m+1..}]   (IB1)
+
+  BOS (row 0) and the rows after the instruction's m word tokens (EOS, padding) keep the
+  frozen projections of the initial instruction P0; ``gamma^l in R^{m x d_l}`` start at
+  ``W_K^l c_{1..m}``, ``W_V^l c_{1..m}`` (so step 0 is plain IP2P with P0). Optional
+  time-aware copies (§4.2): ``j`` independent copies, copy ``k = floor(t j / T)`` at timestep t
+  (IB2, [ours] the inference rule the paper does not state). Parameters: ``2 m sum_l d_l`` per copy.
+* :class:`InstructionHook` — an :class:`~.attention.AttentionHook` that writes (IB1) into the
+  projected K/V. [ours] It finds the rows that carry P0 *by content*: a batch chunk is patched
+  when its keys at the instruction positions equal the stored frozen projections ``K_0`` (within
+  ``rtol`` of their scale). This works under any guider (CFG, DualCFG, whatever the chunk
+  labels), leaves unconditional branches (``∅_T``) untouched as §4.1 requires, and makes a
+  conditioning from a different P0 (misaligned rows, §11) detectable: ``hits`` stays 0.
+  ``strength`` s blends ``K_0 + s (gamma - K_0)`` (s = 1: gamma exactly; s = 0: plain IP2P).
+* :func:`diffusion_loss` (§4.3, IB3) and :func:`learn` — AdamW on gamma only, VISII-style
+  schedule (§4.4): one distinct timestep per sample from a seeded permutation of 0..T-1, pairs
+  cycled, gradient values clipped to ``±max|gamma_0|``.
+* :func:`transformation_oriented_init` — TII (§5, IB4-IB6) on CLIP-like embeddings.
+
+Model access is through small callables (``predict_eps``) so the same code runs on a diffusers
+UNet (:class:`DiffusersIP2P`, tests and the toy benchmark) and on a ComfyUI model
+(``nodes/comfy_adapter.py``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionHook
+from .protocol import CallInfo
+
+__all__ = [
+    "FORMAT",
+    "DiffusersIP2P",
+    "InstructionHook",
+    "KVCapture",
+    "LearnResult",
+    "LearnedInstruction",
+    "check_pairs",
+    "diffusion_loss",
+    "instruction_template",
+    "ip2p_guided_eps",
+    "learn",
+    "range_index",
+    "transformation_oriented_init",
+]
+
+FORMAT = "photoops-instructbrush-v1"
+
+
+# ----------------------------------------------------------------------------- time ranges
+def range_index(t, time_ranges: int, num_train_timesteps: int = 1000) -> int:
+    """(IB2) copy index ``floor(t j / T)`` clamped to ``[0, j-1]`` (t may be fractional)."""
+    if time_ranges < 1:
+        raise ValueError(f"time_ranges must be >= 1, got {time_ranges}")
+    k = math.floor(float(t) * time_ranges / num_train_timesteps)
+    return min(max(k, 0), time_ranges - 1)
+
+
+# ----------------------------------------------------------------------------- the learned K/V
+class LearnedInstruction(torch.nn.Module):
+    """Learned instruction keys/values for every cross-attention layer (IB1).
+
+    ``k0[l]``, ``v0[l]``: ``[m, d_l]`` frozen projections of P0's word tokens in layer ``l``
+    (layer order = forward order of the cross-attention layers). ``gamma_k[l]`` /
+    ``gamma_v[l]``: ``[j, m, d_l]`` parameters, initialised to ``k0`` / ``v0``.
+    ``positions`` are the token positions 1..m (BOS = 0).
+    """
+
+    def __init__(self, prompt: str, positions: Sequence[int], k0: dict, v0: dict, time_ranges: int = 1,
+                 num_train_timesteps: int = 1000, meta: dict | None = None):
+        super().__init__()
+        if time_ranges < 1:
+            raise ValueError(f"time_ranges must be >= 1, got {time_ranges}")
+        positions = [int(p) for p in positions]
+        if not positions:
+            raise ValueError("the initial instruction has no word tokens to learn (m = 0); give a non-empty "
+                             "instruction or let the initialisation choose one")
+        if sorted(k0) != sorted(v0) or not k0:
+            raise ValueError("k0 and v0 must name the same, non-empty set of layers")
+        self.prompt = prompt
+        self.positions = positions
+        self.time_ranges = int(time_ranges)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.meta = dict(meta or {})
+        self.layers = sorted(int(o) for o in k0)
+        for o in self.layers:
+            for name, t in (("k0", k0[o]), ("v0", v0[o])):
+                if t.ndim != 2 or t.shape[0] != len(positions):
+                    raise ValueError(f"{name}[{o}] must be [m={len(positions)}, d], got {tuple(t.shape)}")
+        self.k0 = {o: k0[o].detach().float().clone() for o in self.layers}
+        self.v0 = {o: v0[o].detach().float().clone() for o in self.layers}
+        self.gamma_k = torch.nn.ParameterDict(
+            {str(o): torch.nn.Parameter(self.k0[o][None].repeat(self.time_ranges, 1, 1)) for o in self.layers})
+        self.gamma_v = torch.nn.ParameterDict(
+            {str(o): torch.nn.Parameter(self.v0[o][None].repeat(self.time_ranges, 1, 1)) for o in self.layers})
+
+    # -- facts
+    @property
+    def m(self) -> int:
+        return len(self.positions)
+
+    @property
+    def widths(self) -> list:
+        return [int(self.k0[o].shape[1]) for o in self.layers]
+
+    def n_params(self) -> int:
+        """``2 m sum_l d_l`` per time range (§4.1)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def range_of(self, t) -> int:
+        return range_index(t, self.time_ranges, self.num_train_timesteps)
+
+    def kv(self, order: int, t) -> tuple:
+        k = self.range_of(t)
+        return self.gamma_k[str(order)][k], self.gamma_v[str(order)][k]
+
+    def init_scale(self) -> float:
+        """max |gamma_0| over all layers (VISII's gradient-value clip, §4.4)."""
+        return max(max(float(self.k0[o].abs().max()), float(self.v0[o].abs().max())) for o in self.layers)
+
+    # -- file format
+    def to_tensors(self) -> dict:
+        out = {}
+        for o in self.layers:
+            out[f"k0.{o}"] = self.k0[o].contiguous()
+            out[f"v0.{o}"] = self.v0[o].contiguous()
+            for r in range(self.time_ranges):
+                out[f"k.{o}.r{r}"] = self.gamma_k[str(o)][r].detach().float().contiguous()
+                out[f"v.{o}.r{r}"] = self.gamma_v[str(o)][r].detach().float().contiguous()
+        return out
+
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "prompt": self.prompt, "positions": json.dumps(self.positions),
+                "time_ranges": str(self.time_ranges), "num_train_timesteps": str(self.num_train_timesteps),
+                "layers": json.dumps(self.layers), "widths": json.dumps(self.widths),
+                "meta": json.dumps(self.meta, sort_keys=True)}
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.to_tensors(), path, metadata=self.metadata())
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, metadata: dict) -> LearnedInstruction:
+        if (metadata or {}).get("format") != FORMAT:
+            raise ValueError(f"not an InstructBrush instruction file (format {metadata.get('format') if metadata else None!r}, "
+                             f"expected {FORMAT!r})")
+        layers = json.loads(metadata["layers"])
+        j = int(metadata["time_ranges"])
+        k0 = {o: tensors[f"k0.{o}"] for o in layers}
+        v0 = {o: tensors[f"v0.{o}"] for o in layers}
+        inst = cls(metadata["prompt"], json.loads(metadata["positions"]), k0, v0, time_ranges=j,
+                   num_train_timesteps=int(metadata["num_train_timesteps"]), meta=json.loads(metadata.get("meta", "{}")))
+        with torch.no_grad():
+            for o in layers:
+                for r in range(j):
+                    inst.gamma_k[str(o)][r].copy_(tensors[f"k.{o}.r{r}"])
+                    inst.gamma_v[str(o)][r].copy_(tensors[f"v.{o}.r{r}"])
+        return inst
+
+    @classmethod
+    def load(cls, path: str) -> LearnedInstruction:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            md = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return cls.from_tensors(tensors, md)
+
+    def check_layers(self, widths: Sequence[int]) -> None:
+        """Raise unless the model's cross-attention widths (forward order) match the learned ones."""
+        widths = [int(w) for w in widths]
+        if widths != self.widths:
+            raise ValueError(f"this instruction was learned on a model with cross-attention widths {self.widths}; "
+                             f"the model given has {widths}. Use the InstructPix2Pix model it was learned on.")
+
+
+# ----------------------------------------------------------------------------- hooks
+class KVCapture(AttentionHook):
+    """Record the projected K/V of token ``positions`` (first row of chunk ``cond_index``) per layer."""
+
+    def __init__(self, positions: Sequence[int], cond_index: int = 0):
+        self.positions = list(positions)
+        self.cond_index = cond_index
+        self.k, self.v, self.heads = {}, {}, {}
+
+    def active(self, layer, call):
+        return bool(call.rows_of(self.cond_index))
+
+    def modify_kv(self, k, v, heads, layer, call):
+        r = call.rows_of(self.cond_index)[0]
+        if max(self.positions) >= k.shape[1]:
+            raise ValueError(f"token position {max(self.positions)} is outside the layer's {k.shape[1]} keys")
+        self.k[layer.order] = k[r, self.positions].detach().float().clone()
+        self.v[layer.order] = v[r, self.positions].detach().float().clone()
+        self.heads[layer.order] = heads
+        return k, v
+
+
+class InstructionHook(AttentionHook):
+    """Write a :class:`LearnedInstruction` into the conditional branch's K/V (IB1).
+
+    ``timestep_of(call)`` gives the model timestep of a call (for the time-aware copy):
+    ``call.extra["timestep"]`` when the caller set it, else ``schedule.timestep(call.sigma)``.
+    Chunks are matched by content (module docstring); ``hits`` counts patched (layer, chunk)
+    pairs since the last :meth:`reset_counts`, ``misses`` counts layer calls where no chunk matched.
+    """
+
+    def __init__(self, instruction: LearnedInstruction, strength: float = 1.0, schedule=None, rtol: float = 2e-2):
+        self.instruction = instruction
+        self.strength = float(strength)
+        self.schedule = schedule
+        self.rtol = float(rtol)
+        self.reset_counts()
+
+    def reset_counts(self):
+        self.hits = 0
+        self.misses = 0
+        self.ranges_used = set()
+
+    def active(self, layer, call):
+        return layer.order in self.instruction.k0
+
+    def _timestep(self, call: CallInfo) -> float:
+        if "timestep" in call.extra:
+            return float(call.extra["timestep"])
+        if self.schedule is None:
+            raise RuntimeError("InstructionHook needs a schedule to map sigma to a timestep")
+        return float(self.schedule.timestep(call.sigma))
+
+    def matching_rows(self, k: torch.Tensor, order: int, call: CallInfo) -> list:
+        k0 = self.instruction.k0[order].to(k.device, torch.float32)
+        pos = self.instruction.positions
+        if max(pos) >= k.shape[1]:
+            return []
+        tol = self.rtol * float(k0.abs().max()) + 1e-6
+        rows = []
+        n = call.rows_per_chunk
+        for c in range(len(call.chunks)):
+            blk = k[c * n:(c + 1) * n, pos].detach().float()
+            if blk.shape[0] and float((blk - k0).abs().amax()) <= tol:
+                rows.extend(range(c * n, (c + 1) * n))
+        return rows
+
+    def modify_kv(self, k, v, heads, layer, call):
+        inst = self.instruction
+        rows = self.matching_rows(k, layer.order, call)
+        if not rows:
+            self.misses += 1
+            return k, v
+        t = self._timestep(call)
+        self.ranges_used.add(inst.range_of(t))
+        gk, gv = inst.kv(layer.order, t)
+        if self.strength != 1.0:
+            k0 = inst.k0[layer.order].to(gk.device)
+            v0 = inst.v0[layer.order].to(gv.device)
+            gk = k0 + self.strength * (gk - k0)
+            gv = v0 + self.strength * (gv - v0)
+        r = torch.as_tensor(rows, device=k.device)
+        p = torch.as_tensor(inst.positions, device=k.device)
+        k = k.clone()
+        v = v.clone()
+        k[r[:, None], p[None, :]] = gk.to(k.device, k.dtype)
+        v[r[:, None], p[None, :]] = gv.to(v.device, v.dtype)
+        self.hits += len(rows) // max(call.rows_per_chunk, 1)
+        return k, v
+
+
+# ----------------------------------------------------------------------------- loss and guidance
+def ip2p_guided_eps(e_it, e_i, e_0, s_text: float, s_image: float):
+    """IP2P three-branch guidance (§3): ``e(0,0) + s_I (e(I,0) - e(0,0)) + s_T (e(I,T) - e(I,0))``."""
+    return e_0 + s_image * (e_i - e_0) + s_text * (e_it - e_i)
+
+
+def diffusion_loss(predict_eps: Callable, z0, image, t, noise, alphas_cumprod, guided: tuple | None = None):
+    """(IB3) ``|| eps - eps_theta(z_t, t, E(x), c_T(gamma)) ||^2`` with ``z_t = sqrt(abar) z0 + sqrt(1-abar) eps``.
+
+    ``predict_eps(z_t, t, image, text)``: ``text`` is True for the instruction, False for the empty
+    prompt; ``image`` None means the zero image. ``guided=(s_T, s_I)`` uses the guided prediction
+    times 4 instead (VISII variant, §4.3).
+    """
+    a = alphas_cumprod.to(z0.device, torch.float32)[t.long()].view(-1, *([1] * (z0.ndim - 1)))
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    if guided is None:
+        pred = predict_eps(zt, t, image, True)
+        return ((pred.float() - noise) ** 2).mean()
+    s_t, s_i = guided
+    e = ip2p_guided_eps(predict_eps(zt, t, image, True), predict_eps(zt, t, image, False),
+                        predict_eps(zt, t, None, False), s_t, s_i)
+    return 4.0 * ((e.float() - noise) ** 2).mean()
+
+
+def check_pairs(before: torch.Tensor, after: torch.Tensor, what: str = "images") -> None:
+    """Clear errors for before/after sets that cannot be pairs."""
+    if before.ndim != 4 or after.ndim != 4:
+        raise ValueError(f"before and after {what} must be batches [N, ...] of 4 dimensions, got "
+                         f"{tuple(before.shape)} and {tuple(after.shape)}")
+    if before.shape[0] == 0:
+        raise ValueError(f"no before {what} given")
+    if before.shape[0] != after.shape[0]:
+        raise ValueError(f"got {before.shape[0]} before {what} but {after.shape[0]} after {what}: InstructBrush "
+                         f"learns from pairs, give the same number of each, in matching order")
+    if before.shape[1:] != after.shape[1:]:
+        raise ValueError(f"before {what} are {tuple(before.shape[1:])} but after {what} are "
+                         f"{tuple(after.shape[1:])}: each pair must have the same size")
+
+
+@dataclass
+class LearnResult:
+    instruction: LearnedInstruction
+    losses: list
+    steps_done: int
+    interrupted: bool = False
+
+
+def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after, alphas_cumprod, *,
+          steps: int = 1000, lr: float = 1e-3, seed: int = 0, batch_size: int = 1,
+          loss_on_guided_prediction: bool = False, guidance: tuple = (7.5, 1.5), clip_grad: bool = True,
+          callback: Callable | None = None, start_step: int = 0, optimizer_state: dict | None = None) -> LearnResult:
+    """Optimise ``instruction``'s gamma on before/after latent pairs (§4.3-4.4).
+
+    ``before``: image-conditioning latents ``E(x_i)`` [N, Ci, h, w]; ``after``: target latents
+    ``z0_i`` [N, C, h, w] (already scaled as the model expects). Only gamma is optimised (AdamW,
+    betas 0.9/0.999, wd 0, fp32). Sample ``s`` of the run uses pair ``s mod N`` and the timestep
+    ``perm[s mod T]`` of a seeded permutation of 0..T-1 (a fresh permutation every T samples)
+    with seeded noise [visii]. ``batch_size`` samples per step [ours: default 1 = VISII].
+    ``callback(step, loss, instruction)`` runs after every step; it may raise to stop (ComfyUI
+    interrupt) — the instruction then holds the last completed step. [ours] The result is the
+    last step's gamma (VISII's "lowest single-step MSE" mostly picks a step with tiny t).
+    ``start_step`` / ``optimizer_state`` resume a run: the schedule of samples is a pure function
+    of (seed, step), so a resumed run sees the same samples as an uninterrupted one.
+    """
+    check_pairs(before, after, "latents")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    n = before.shape[0]
+    T = int(alphas_cumprod.numel())
+    params = list(instruction.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    clip = instruction.init_scale() if clip_grad else None
+    guided = tuple(guidance) if loss_on_guided_prediction else None
+    losses = []
+    step = start_step
+    perms = {}
+
+    def sample(s):
+        epoch, i = divmod(s, T)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(T, generator=g)
+        g = torch.Generator().manual_seed(int(seed) * 7_919 + 1_000_000 * (epoch + 1) + i)
+        noise = torch.randn(after.shape[1:], generator=g)
+        return s % n, int(perms[epoch][i]), noise
+
+    with torch.enable_grad():
+        while step < steps:
+            idx, ts, noises = zip(*[sample(step * batch_size + b) for b in range(batch_size)])
+            idx = list(idx)
+            t = torch.tensor(ts, dtype=torch.long, device=after.device)
+            noise = torch.stack(noises).to(after.device, after.dtype)
+            loss = diffusion_loss(predict_eps, after[idx], before[idx], t, noise, alphas_cumprod, guided=guided)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_value_(params, clip)
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            if callback is not None:
+                callback(step, losses[-1], instruction)
+    instruction._optimizer_state = opt.state_dict()
+    return LearnResult(instruction, losses, step)
+
+
+# ----------------------------------------------------------------------------- TII
+def instruction_template(px: str, py: str) -> str:
+    """§5 step 6: ``turn {P_x} into {P_y}``; ``make it {P_y}`` without P_x [ours]; "" without P_y."""
+    if not py:
+        return ""
+    if not px:
+        return f"make it {py}"
+    return f"turn {px} into {py}"
+
+
+TII_MODES = ("relative", "absolute", "softmax")
+
+
+def transformation_oriented_init(phrases: Sequence[str], phrase_emb, before_emb, after_emb, *, r: int = 5,
+                                 eta: float = 0.15, mode: str = "relative", joiner: str = ", ",
+                                 template: Callable = instruction_template) -> dict:
+    """Transformation-oriented instruction initialisation (§5).
+
+    Embeddings are CLIP-like (any dimension; they are L2-normalised here): ``phrase_emb`` [P, D],
+    ``before_emb`` / ``after_emb`` [N, D].
+
+    (IB4) ``s_X(v) = mean_i cos(E_T(v), E_I(x_i))``, ``s_Y`` likewise on the after images;
+    (IB5) sensitivity ``Δ_X = s_X - s_Y``, ``Δ_Y = s_Y - s_X``; top-``r`` of each = unique phrases;
+    (IB6) truncation: keep v when ``score(v) >= eta`` where [ours] ``relative`` = ``Δ(v) / s(v)``
+    (s of its own side), ``absolute`` = ``Δ(v)``, ``softmax`` = softmax of Δ over all phrases.
+    Survivors (best first) are joined with ``joiner`` into P_x, P_y and put into ``template``.
+    Returns ``{"prompt", "px", "py", "before_phrases", "after_phrases", "scores_x", "scores_y"}``;
+    prompt "" is the "None" fallback (no phrase of the after side survived).
+    """
+    if mode not in TII_MODES:
+        raise ValueError(f"mode must be one of {TII_MODES}, got {mode!r}")
+    if len(phrases) != phrase_emb.shape[0]:
+        raise ValueError(f"{len(phrases)} phrases but {phrase_emb.shape[0]} phrase embeddings")
+    if before_emb.shape[0] != after_emb.shape[0] or before_emb.shape[0] == 0:
+        raise ValueError("before and after embeddings must be non-empty and equally many")
+    if r < 1:
+        raise ValueError("r must be >= 1")
+    nrm = torch.nn.functional.normalize
+    pe, be, ae = nrm(phrase_emb.double(), dim=-1), nrm(before_emb.double(), dim=-1), nrm(after_emb.double(), dim=-1)
+    s_x = (pe @ be.T).mean(1)                                           # (IB4)
+    s_y = (pe @ ae.T).mean(1)
+    d_x, d_y = s_x - s_y, s_y - s_x                                     # (IB5)
+    if mode == "relative":
+        sc_x, sc_y = d_x / s_x.abs().clamp_min(1e-8), d_y / s_y.abs().clamp_min(1e-8)
+    elif mode == "absolute":
+        sc_x, sc_y = d_x, d_y
+    else:
+        sc_x, sc_y = torch.softmax(d_x, 0), torch.softmax(d_y, 0)
+
+    def pick(delta, score):
+        order = torch.argsort(delta, descending=True)[:r].tolist()      # unique phrases: top-r by Δ
+        return [phrases[i] for i in order if float(score[i]) >= eta and float(delta[i]) > 0]   # (IB6)
+
+    bx, by = pick(d_x, sc_x), pick(d_y, sc_y)
+    px, py = joiner.join(bx), joiner.join(by)
+    return {"prompt": template(px, py), "px": px, "py": py, "before_phrases": bx, "after_phrases": by,
+            "scores_x": sc_x.float(), "scores_y": sc_y.float()}
+
+
+# ----------------------------------------------------------------------------- diffusers adapter
+class DiffusersIP2P:
+    """``predict_eps`` over a diffusers InstructPix2Pix ``UNet2DConditionModel`` with hooks.
+
+    ``cond`` / ``uncond``: text features [1, L, D] of P0 and of the empty prompt. Calls are
+    ``unet(cat([z_t, image]), t, text)``; ``image=None`` is the zero image. The hook registry's
+    CallInfo carries the timestep (``extra["timestep"]``) for the time-aware copies: rows are
+    batched per ``range_fn(t)`` (default: per distinct t; pass ``instruction.range_of`` to batch
+    all rows of one time range in one call).
+    """
+
+    def __init__(self, unet, cond, uncond, hooks, schedule=None, range_fn: Callable | None = None):
+        from .diffusers_adapter import install_attention_hooks
+
+        self.unet, self.cond, self.uncond, self.hooks = unet, cond, uncond, hooks
+        self.holder = install_attention_hooks(unet, hooks)
+        self.schedule = schedule
+        self.range_fn = range_fn or (lambda t: t)
+
+    def _ensure_installed(self):
+        """Re-install our processors if another adapter took over the same UNet since."""
+        from .diffusers_adapter import install_attention_hooks
+
+        procs = self.unet.attn_processors
+        if not any(getattr(p, "holder", None) is self.holder for p in procs.values()):
+            self.holder = install_attention_hooks(self.unet, self.hooks)
+
+    def __call__(self, zt, t, image, text: bool):
+        self._ensure_installed()
+        b = zt.shape[0]
+        img = torch.zeros_like(zt[:, : self.image_channels]) if image is None else image
+        ctx = (self.cond if text else self.uncond).expand(b, -1, -1)
+        t = torch.as_tensor(t).reshape(-1).expand(b)
+        # one call per time range (``range_fn``), so the time-aware copy is exact for every row
+        groups = {}
+        for i, tv in enumerate(t.tolist()):
+            groups.setdefault(self.range_fn(tv), []).append(i)
+        if len(groups) == 1:
+            return self._call(zt, t, img, ctx)
+        outs = torch.empty_like(zt)
+        for rows in groups.values():
+            sel = torch.tensor(rows)
+            outs = outs.index_copy(0, sel, self._call(zt[sel], t[sel], img[sel], ctx[sel]).to(outs.dtype))
+        return outs
+
+    def _call(self, zt, t, img, ctx):
+        t0 = float(t[0])
+        self.holder.call = CallInfo(sigma=float(self.schedule.sigma(t0)) if self.schedule is not None else 0.0,
+                                    chunks=[0], rows_per_chunk=zt.shape[0], latent_hw=tuple(zt.shape[-2:]),
+                                    extra={"timestep": t0})
+        try:
+            return self.unet(torch.cat([zt, img], 1), t, ctx).sample
+        finally:
+            self.holder.call = None
+
+    @property
+    def image_channels(self) -> int:
+        return self.unet.config.in_channels - self.unet.config.out_channels
+
+    def layers(self):
+        from .diffusers_adapter import cross_attention_layers
+
+        return cross_attention_layers(self.unet)
+
+    def capture(self, positions: Sequence[int]) -> tuple:
+        """(k0, v0) of P0's tokens ``positions`` in every layer: one forward with a KVCapture hook."""
+        cap = KVCapture(positions)
+        self.hooks.add(cap)
+        try:
+            with torch.no_grad():
+                c = self.unet.config
+                h = w = c.sample_size
+                z = torch.zeros(1, c.out_channels, h, w)
+                self(z, torch.tensor([0]), None, True)
+        finally:
+            self.hooks.remove(cap)
+        return cap.k, cap.v
+
+
+def prompt_positions(n_tokens: int) -> list:
+    """Positions 1..m of a prompt's word tokens (BOS at 0)."""
+    return list(range(1, n_tokens + 1))
+
