@@ -7,4 +7,4 @@ from . import concept_learn
 
 class PhotoOpsExtension(ComfyExtension):
     async def get_node_list(self):
-        return [*attention_mask.NODES, *inversion.NODES, *semantic_guide.NODES, *concept_learn.NODES]
+        return [*attention_mask.NODES, *inversion.NODES, *semantic_guide.NODES, *concept_learn.NODES, *pops.NODES]
