@@ -421,7 +421,8 @@ def e_step(den: GradDenoiser, text: ConceptText, rec: ConceptAttention, latents:
     for n in range(N):
         present = [k for k in range(K) if presence[n, k]]
         parts = captions[n] if captions is not None else subset_prompt(present)
-        cond, positions = text.encode(parts, vectors)
+        with torch.no_grad():
+            cond, positions = text.encode(parts, vectors)
         eps = torch.randn((len(ts),) + tuple(latents.shape[1:]), generator=g).to(latents.device, latents.dtype)
         z = latents[n:n + 1].expand(len(ts), -1, -1, -1)
         x, sigma = _noised(den, z, ts, eps)

@@ -544,8 +544,9 @@ class ComfyGradDenoiser:
 
 def encode_images_for_training(model, vae, images: torch.Tensor) -> torch.Tensor:
     """``[N, H, W, 3]`` in [0,1] -> model-space latents ``[N, C, h, w]`` (``process_latent_in``), float32."""
-    lat = vae.encode(images[..., :3])
-    return model.model.process_latent_in(lat.float()).float()
+    with torch.no_grad():
+        lat = vae.encode(images[..., :3])
+        return model.model.process_latent_in(lat.float()).float().clone()
 
 
 def embeddings_dir() -> str:
@@ -615,6 +616,40 @@ def progress_text(node_id, text: str) -> None:
             PromptServer.instance.send_progress_text(text, node_id)
     except Exception:  # noqa: BLE001 - no server (tests, scripts)
         pass
+
+
+class normal_weight_copies:
+    """For the ``with`` block: swap the inference-mode parameters/buffers of ``modules`` for normal copies.
+
+    ComfyUI loads checkpoints under ``torch.inference_mode()``, so model weights are
+    inference tensors, which autograd may not save for backward — even when only the
+    input embeddings need gradients.  The copies are bit-identical; the originals are put
+    back on exit (the caller's MODEL/CLIP end up holding exactly the tensors they had).
+    Costs one extra copy of the swapped weights while training.
+    """
+
+    def __init__(self, *modules):
+        self.modules = [m for m in modules if m is not None]
+        self.swapped = []
+
+    def __enter__(self):
+        with torch.inference_mode(False):
+            for root in self.modules:
+                for mod in root.modules():
+                    for store in ("_parameters", "_buffers"):
+                        d = getattr(mod, store)
+                        for name, t in list(d.items()):
+                            if t is not None and t.is_inference():
+                                self.swapped.append((d, name, t))
+                                c = t.detach().clone()
+                                d[name] = torch.nn.Parameter(c, requires_grad=False) if store == "_parameters" else c
+        return self
+
+    def __exit__(self, *exc):
+        for d, name, t in reversed(self.swapped):
+            d[name] = t
+        self.swapped = []
+        return False
 
 
 # ---- pOps (issue 6) ---------------------------------------------------------------------

@@ -132,7 +132,7 @@ class ConceptLearnNode(io.ComfyNode):
                                tooltip="AdamW learning rate of the token vectors (default 5e-4)."),
                 io.Int.Input("em_rounds", default=4, min=1, max=20,
                              tooltip="Rounds of (token steps, mask re-estimation)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds timesteps, noise, concept subsets and flips; same inputs + seed = "
                                      "same embedding."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
@@ -221,6 +221,7 @@ class ConceptLearnNode(io.ComfyNode):
             den = ca.ComfyGradDenoiser(patched)
             latents = ca.encode_images_for_training(model, vae, imgs)
             den.load()
+            clip.load_model()
             if str(den.device) == "cpu":
                 logging.warning("Concept Learn is running on the CPU: expect minutes per step at 512 px")
             small = F.interpolate(imgs.movedim(-1, 1), size=latents.shape[-2:], mode="area").clamp(0, 1)
@@ -248,10 +249,11 @@ class ConceptLearnNode(io.ComfyNode):
                     logging.warning("Concept Learn stopped at step %d; checkpoint %s", step,
                                     os.path.join(edir, CHECKPOINT_SUBDIR, f"{names[0]}-{tag}.safetensors"))
 
-            res = kcl.learn_concepts(den, text, patched_hooks, latents.to(den.device), small.to(den.device), words,
-                                     cfg, init_masks=masks0, presence=P, init_vectors=init_vectors,
-                                     start_step=start_step, progress=progress, interrupt=ca.interrupt_check,
-                                     checkpoint=checkpoint)
+            with ca.normal_weight_copies(patched.model.diffusion_model, text.sub):
+                res = kcl.learn_concepts(den, text, patched_hooks, latents.to(den.device), small.to(den.device),
+                                         words, cfg, init_masks=masks0, presence=P, init_vectors=init_vectors,
+                                         start_step=start_step, progress=progress, interrupt=ca.interrupt_check,
+                                         checkpoint=checkpoint)
             pbar.update_absolute(total, total)
             for k, n in enumerate(names):
                 ca.save_concept_embedding(final[n], res.vectors[k], {**meta_base, "concept": n, "init_word": words[k],

@@ -270,9 +270,60 @@ def ledits_pp_edit() -> dict:
                           "masks); no momentum, no target CFG.", "photoops_ledits_pp")
 
 
+def concept_learn() -> dict:
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+                  widgets=[CKPT], pos=(20, 40))
+    img = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=[PHOTO, "image"],
+                 pos=(20, 220), size=(300, 320), title="Your photos (1-N)")
+    cl = g.node("PhotoOps_ConceptLearn",
+                inputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("images", "IMAGE"),
+                        ("init_masks", "MASK")],
+                outputs=[("clip", "CLIP"), ("masks", "MASK"), ("mask_preview", "IMAGE"), ("prompt_hint", "STRING"),
+                         ("loss", "LOSS_MAP")],
+                widgets=["cl_disc, cl_backdrop", "circle, background", 2, 0.01, 1, 0, "fixed", 64, 0.01, 1, True,
+                         False, 0, False, "", "none"],
+                pos=(360, 40), size=(340, 520), title="Concept Learn (tiny steps for the demo; use 400 at 512 px)")
+    msave = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_concept_masks"], pos=(740, 420),
+                   size=(260, 280), title="Learned masks")
+    pos = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                 widgets=["a photo of two embedding:cl_disc on embedding:cl_backdrop, small"], pos=(740, 40),
+                 title="New prompt composing both concepts", size=(400, 140))
+    neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                 widgets=["blurry"], pos=(740, 230), title="Negative prompt", size=(400, 120))
+    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[64, 64, 1], pos=(1180, 400))
+    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
+                widgets=[42, "fixed", 4, 7.0, "euler", "normal", 1.0], pos=(1180, 40), size=(315, 262))
+    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 pos=(1530, 40), size=(210, 46))
+    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_concept_compose"], pos=(1770, 40),
+                  size=(260, 280))
+    g.link(ckpt, 0, cl, "model")
+    g.link(ckpt, 1, cl, "clip")
+    g.link(ckpt, 2, cl, "vae")
+    g.link(img, 0, cl, "images")
+    g.link(cl, 2, msave, "images")
+    g.link(cl, 0, pos, "clip")
+    g.link(cl, 0, neg, "clip")
+    g.link(ckpt, 0, ks, "model")
+    g.link(pos, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    g.link(lat, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return g.to_json("Concept Learn (Rahman et al.): one new token per concept plus its mask, learned by EM from the "
+                     "photo(s) without user masks, saved as embeddings/cl_disc.safetensors and "
+                     "cl_backdrop.safetensors. The new prompt composes them as embedding:cl_disc and "
+                     "embedding:cl_backdrop; the files also work in any later workflow and in other UIs. Route the "
+                     "prompts' CLIP through Concept Learn so they are encoded after training. Real use: 400 steps at "
+                     "512 px on a GPU.")
+
 WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
              "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit,
-             "ledits_edit.json": ledits_edit, "ledits_pp_edit.json": ledits_pp_edit}
+             "ledits_edit.json": ledits_edit, "ledits_pp_edit.json": ledits_pp_edit,
+             "concept_learn.json": concept_learn}
 
 
 def main():
