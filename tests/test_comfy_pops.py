@@ -120,7 +120,7 @@ def test_interrupt_stops_the_sampler(env):
 
 def test_revision_conditioning_feeds_sdxl_pooled_input(env):
     unet = comfy.sd.load_diffusion_model(str(env["files"]["diffusion_models"][0]))
-    assert type(unet.model).__name__ == "SDXL" and type(unet.model.model_config).__name__ == "Segmind_Vega"
+    assert type(unet.model).__name__ == "SDXL" and type(unet.model.model_config).__name__ == "KOALA_700M"
     cvo = _apply(env, b=env["b"])[0]
     pos, neg = npops.PopsRevisionConditioningNode.execute(unet, cvo, 1.0, 0.0).result
     assert pos[0][0].shape == (1, 77, 2048)

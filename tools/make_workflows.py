@@ -320,16 +320,167 @@ def concept_learn() -> dict:
                      "prompts' CLIP through Concept Learn so they are encoded after training. Real use: 400 steps at "
                      "512 px on a GPU.")
 
+
+# ---- pOps (issue 6) ----------------------------------------------------------------------
+POPS_CLIP_VISION = "photoops_tiny_clip_vision_g.safetensors"   # users: clip_vision_g.safetensors (ViT-bigG/14)
+POPS_OPERATOR = "photoops_tiny_texturing.safetensors"          # users: texturing/learned_prior.pth or converted
+POPS_OPERATOR2 = "photoops_tiny_scene.safetensors"             # users: scene/learned_prior.pth or converted
+POPS_UNET = "photoops_tiny_sdxl_unet.safetensors"              # users: the SDXL base UNet (or use a checkpoint)
+POPS_VAE = "photoops_tiny_vae.safetensors"                     # users: sdxl_vae.safetensors
+
+
+def _pops_encode(g: Graph, cvl, title: str, pos):
+    img = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=[PHOTO, "image"],
+                 pos=pos, size=(300, 320), title=title)
+    enc = g.node("CLIPVisionEncode", inputs=[("clip_vision", "CLIP_VISION"), ("image", "IMAGE")],
+                 outputs=[("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], widgets=["center"],
+                 pos=(pos[0] + 340, pos[1]), size=(250, 80))
+    g.link(cvl, 0, enc, "clip_vision")
+    g.link(img, 0, enc, "image")
+    return enc
+
+
+def _pops_apply(g: Graph, operator_widgets, a, b, seed, pos, title):
+    opl = g.node("PhotoOps_PopsOperatorLoader", outputs=[("operator", "PHOTOOPS_POPS_OPERATOR")],
+                 widgets=list(operator_widgets), pos=(pos[0], pos[1] - 150), size=(330, 110), title=title[0])
+    app = g.node("PhotoOps_OperatorApply",
+                 inputs=[("operator", "PHOTOOPS_POPS_OPERATOR"), ("input_a", "CLIP_VISION_OUTPUT"),
+                         ("input_b", "CLIP_VISION_OUTPUT")],
+                 outputs=[("clip_vision_output", "CLIP_VISION_OUTPUT"), ("pos_embed", "EMBEDS"),
+                          ("neg_embed", "EMBEDS")],
+                 widgets=[25, -1.0, seed, "fixed", False, False], pos=pos, size=(320, 250), title=title[1])
+    g.link(opl, 0, app, "operator")
+    g.link(a[0], a[1], app, "input_a")
+    g.link(b[0], b[1], app, "input_b")
+    return app
+
+
+def _pops_texturing(g: Graph, clip_vision=("PhotoOps_CLIPVisionLoader", POPS_CLIP_VISION),
+                    operator=(POPS_OPERATOR, "(in the operator file)", "auto")):
+    """Two photos -> CLIP Vision Encode (ViT-bigG) -> texturing operator; returns (clip vision loader, apply)."""
+    cvl = g.node(clip_vision[0], outputs=[("CLIP_VISION", "CLIP_VISION")], widgets=[clip_vision[1]],
+                 pos=(20, 20), size=(320, 60), title="CLIP vision ViT-bigG/14")
+    enc_a = _pops_encode(g, cvl, "A: the object", (20, 130))
+    enc_b = _pops_encode(g, cvl, "B: the texture", (20, 480))
+    app = _pops_apply(g, operator, (enc_a, 0), (enc_b, 0), 42, (720, 300),
+                      ("Texturing operator", "Operator Apply: A textured with B"))
+    return cvl, app
+
+
+def _pops_render_revision(g: Graph, embed_src, prefix: str, x: int = 1100):
+    unet = g.node("UNETLoader", outputs=[("MODEL", "MODEL")], widgets=[POPS_UNET, "default"], pos=(x, 20),
+                  size=(320, 80), title="SDXL model")
+    rev = g.node("PhotoOps_PopsRevisionConditioning",
+                 inputs=[("model", "MODEL"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
+                 outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], widgets=[1.0, 0.0],
+                 pos=(x, 140), size=(320, 100))
+    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[64, 64, 1], pos=(x, 290),
+                 size=(300, 110))
+    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
+                widgets=[0, "fixed", 2, 4.0, "euler", "normal", 1.0], pos=(x + 360, 20), size=(315, 262))
+    vae = g.node("VAELoader", outputs=[("VAE", "VAE")], widgets=[POPS_VAE], pos=(x + 360, 320), size=(300, 60))
+    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 pos=(x + 720, 20), size=(210, 46))
+    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=[prefix], pos=(x + 960, 20), size=(260, 280))
+    g.link(unet, 0, rev, "model")
+    g.link(embed_src[0], embed_src[1], rev, "clip_vision_output")
+    g.link(unet, 0, ks, "model")
+    g.link(rev, 0, ks, "positive")
+    g.link(rev, 1, ks, "negative")
+    g.link(lat, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    g.link(dec, 0, save, "images")
+
+
+POPS_NOTE = (" The file names are the tiny random CI fixtures: pick ViT-bigG/14 (clip_vision_g), an operator from "
+             "pOpsPaper/operators in models/pops (statistics: the Kandinsky 2.2 prior file, or convert once with "
+             "tools/convert_pops.py), the SDXL base UNet (or a checkpoint's MODEL) and VAE, 1024x1024, ~30 steps.")
+
+
+def pops_texturing_sdxl() -> dict:
+    g = Graph()
+    _, app = _pops_texturing(g)
+    _pops_render_revision(g, (app, 0), "photoops_pops_texturing")
+    return g.to_json("pOps texturing (Richardson et al. 2024): the operator maps the CLIP image embeddings of an "
+                     "object (A) and a texture patch (B) to one embedding, rendered by SDXL through its image-"
+                     "embedding (revision) input with an empty text prompt." + POPS_NOTE)
+
+
+def pops_chain_sdxl() -> dict:
+    g = Graph()
+    cvl, app = _pops_texturing(g)
+    enc_c = _pops_encode(g, cvl, "C: the scene", (20, 830))
+    app2 = _pops_apply(g, (POPS_OPERATOR2, "(in the operator file)", "auto"), (app, 0), (enc_c, 0), 18, (720, 830),
+                       ("Scene operator", "Operator Apply: (A textured with B) placed in C"))
+    _pops_render_revision(g, (app2, 0), "photoops_pops_chain")
+    return g.to_json("Chained pOps operators (a generative equation): texturing(A, B), then scene(result, C). "
+                     "Operator outputs are CLIP_VISION_OUTPUTs, so they feed the next operator directly." + POPS_NOTE)
+
+
+def pops_ipadapter_sdxl() -> dict:
+    """Needs cubiq/ComfyUI_IPAdapter_plus (not installed in CI): written to workflows/ipadapter/, never run here."""
+    g = Graph()
+    _, app = _pops_texturing(g, clip_vision=("CLIPVisionLoader", "clip_vision_g.safetensors"),
+                             operator=("texturing/learned_prior.pth", "kandinsky-2-2-prior.safetensors", "auto"))
+    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+                  widgets=["sd_xl_base_1.0.safetensors"], pos=(1100, 20))
+    ipl = g.node("IPAdapterModelLoader", outputs=[("IPADAPTER", "IPADAPTER")], widgets=["ip-adapter_sdxl.safetensors"],
+                 pos=(1100, 200), size=(320, 60))
+    ipe = g.node("IPAdapterEmbeds", inputs=[("model", "MODEL"), ("ipadapter", "IPADAPTER"), ("pos_embed", "EMBEDS"),
+                                            ("neg_embed", "EMBEDS"), ("attn_mask", "MASK"),
+                                            ("clip_vision", "CLIP_VISION")],
+                 outputs=[("MODEL", "MODEL")], widgets=[1.0, "linear", 0.0, 1.0, "V only"], pos=(1460, 20),
+                 size=(320, 240))
+    pos = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                 widgets=[""], pos=(1460, 300), title="Prompt (empty, as in the paper)", size=(380, 100))
+    neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                 widgets=["deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"],
+                 pos=(1460, 440), title="Negative prompt (paper)", size=(380, 120))
+    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[1024, 1024, 1], pos=(1460, 600))
+    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
+                widgets=[0, "fixed", 50, 5.0, "dpmpp_2m", "karras", 1.0], pos=(1880, 20), size=(315, 262))
+    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 pos=(2230, 20), size=(210, 46))
+    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_pops_ipadapter"], pos=(2470, 20),
+                  size=(260, 280))
+    g.link(ckpt, 0, ipe, "model")
+    g.link(ipl, 0, ipe, "ipadapter")
+    g.link(app, 1, ipe, "pos_embed")
+    g.link(app, 2, ipe, "neg_embed")
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    g.link(ipe, 0, ks, "model")
+    g.link(pos, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    g.link(lat, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return g.to_json("pOps texturing rendered with SDXL + IP-Adapter (ip-adapter_sdxl, the ViT-bigG variant, as in "
+                     "the paper): Operator Apply's pos_embed/neg_embed are IPAdapter_plus EMBEDS (the image_embeds "
+                     "tensor and zeros, the non-plus IPAdapterEncoder format). Needs cubiq/ComfyUI_IPAdapter_plus; "
+                     "its _vit-h and plus adapters do not fit 1280-d bigG embeddings. Not run in CI.")
+
+
 WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
              "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit,
              "ledits_edit.json": ledits_edit, "ledits_pp_edit.json": ledits_pp_edit,
              "concept_learn.json": concept_learn}
 
 
+# pOps (issue 6); ipadapter/ is a subfolder: ComfyUI and the CI tests only read workflows/*.json
+WORKFLOWS.update({"pops_texturing_sdxl.json": pops_texturing_sdxl, "pops_chain_sdxl.json": pops_chain_sdxl,
+                  "ipadapter/pops_ipadapter_sdxl.json": pops_ipadapter_sdxl})
+
+
 def main():
     out = ROOT / "workflows"
     out.mkdir(exist_ok=True)
     for name, build in WORKFLOWS.items():
+        (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_text(json.dumps(build(), indent=1) + "\n")
         print("wrote", out / name)
 

@@ -4,7 +4,7 @@ The real pieces are far too big for CI (ViT-bigG 1.8 B, SDXL 2.6 B + 0.8 B text 
 the operator 1.03 B parameters), so each is replaced by the smallest file that the same
 ComfyUI code path accepts:
 
-* ``pops/photoops_tiny_texturing.safetensors`` — a PriorTransformer with the real
+* ``pops/photoops_tiny_texturing.safetensors`` (and ``..._scene``, another seed) — a PriorTransformer with the real
   embedding width 1280 (so it takes bigG-width embeddings and feeds SDXL's 1280-d pooled
   input) but inner width 64, 1 head, 2 layers; ``clip_mean``/``clip_std`` and the
   ``pops_operator=texturing`` metadata included (the layout ``tools/convert_pops.py`` writes).
@@ -15,9 +15,10 @@ ComfyUI code path accepts:
   (any size)*, which builds core's own ``ClipVisionModel`` from the shapes; encoding is
   then core *CLIP Vision Encode*.
 * ``diffusion_models/photoops_tiny_sdxl_unet.safetensors`` — a UNet that ComfyUI's model
-  detection classifies as an SDXL-family model (``Segmind_Vega``: model_channels 320,
-  transformer depth [0,0,1,1,2,2], context 2048, ADM 2816, linear projections) with
-  channel multipliers [1,1,1] and shallow output/middle transformers; built with
+  detection classifies as an SDXL-family model (``KOALA_700M``: model_channels 320,
+  transformer depth [0,2,5], context 2048, ADM 2816, linear projections) with channel
+  multipliers [1,1,1], one res block per level and no output/middle transformers
+  (62 M parameters instead of 700 M); built with
   ComfyUI's own ``UNetModel`` class (in a subprocess, so the calling process need not
   import ComfyUI).  SDXL's text encoders (0.8 B) are left out: the workflow uses *pOps
   Revision Conditioning*, which needs no text encoder.
@@ -44,6 +45,7 @@ GENERATOR_VERSION = 1
 SEED = 6
 
 OPERATOR_NAME = "photoops_tiny_texturing.safetensors"
+OPERATOR2_NAME = "photoops_tiny_scene.safetensors"
 CLIP_VISION_NAME = "photoops_tiny_clip_vision_g.safetensors"
 UNET_NAME = "photoops_tiny_sdxl_unet.safetensors"
 VAE_NAME = "photoops_tiny_vae.safetensors"
@@ -52,8 +54,8 @@ PRIOR_CONFIG = {"num_attention_heads": 1, "attention_head_dim": 64, "num_layers"
 CLIP_VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                       "image_size": 224, "patch_size": 14, "projection_dim": 1280, "hidden_act": "gelu"}
 UNET_CONFIG = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-               "num_res_blocks": [2, 2, 2], "channel_mult": [1, 1, 1], "transformer_depth": [0, 0, 1, 1, 2, 2],
-               "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+               "num_res_blocks": [1, 1, 1], "channel_mult": [1, 1, 1], "transformer_depth": [0, 2, 5],
+               "transformer_depth_middle": -1, "transformer_depth_output": [0, 0, 0, 0, 0, 0],
                "context_dim": 2048, "use_linear_in_transformer": True, "adm_in_channels": 2816,
                "num_classes": "sequential", "num_head_channels": 64, "use_spatial_transformer": True,
                "legacy": False}
@@ -106,9 +108,9 @@ def _kernel_pops():
     return mod
 
 
-def make_operator(path: Path) -> None:
+def make_operator(path: Path, name: str = "texturing", seed: int = SEED) -> None:
     pops = _kernel_pops()
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     cfg = pops.PriorConfig(**PRIOR_CONFIG)
     with torch.device("meta"):
         m = pops.OperatorPrior(cfg)
@@ -118,7 +120,7 @@ def make_operator(path: Path) -> None:
     sd = {k: v.half() for k, v in sd.items()}
     sd["clip_mean"] = (torch.randn(1, 1280, generator=gen) * 0.3).float()
     sd["clip_std"] = (0.5 + torch.rand(1, 1280, generator=gen)).float()
-    _save(sd, path, {"pops_operator": "texturing", "num_attention_heads": str(cfg.num_attention_heads),
+    _save(sd, path, {"pops_operator": name, "num_attention_heads": str(cfg.num_attention_heads),
                      "format": "photoops-pops-operator-v1", "photoops_fixture": "tiny random weights"})
 
 
@@ -166,13 +168,15 @@ def cached_pops_fixtures(cache_dir=None) -> dict:
     from .fixtures import default_cache_dir
 
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"pops-{_hash()}"
-    files = {"pops": (root / OPERATOR_NAME, make_operator), "clip_vision": (root / CLIP_VISION_NAME, make_clip_vision),
-             "diffusion_models": (root / UNET_NAME, make_sdxl_unet), "vae": (root / VAE_NAME, make_vae)}
-    out = {}
-    for folder, (path, make) in files.items():
+    files = [("pops", root / OPERATOR_NAME, make_operator),
+             ("pops", root / OPERATOR2_NAME, lambda p: make_operator(p, "scene", SEED + 1)),
+             ("clip_vision", root / CLIP_VISION_NAME, make_clip_vision),
+             ("diffusion_models", root / UNET_NAME, make_sdxl_unet), ("vae", root / VAE_NAME, make_vae)]
+    out: dict = {}
+    for folder, path, make in files:
         if not path.is_file():
             make(path)
-        out[folder] = [path]
+        out.setdefault(folder, []).append(path)
     return out
 
 

@@ -91,6 +91,13 @@ else:
 '''
 
 
+def _fixture_model_files() -> dict:
+    """{model folder: [files]} of the extra fixtures (generated once, cached like the checkpoint)."""
+    from .pops_fixtures import cached_pops_fixtures
+
+    return cached_pops_fixtures()
+
+
 class ComfyError(RuntimeError):
     """A ComfyUI request or prompt failed; the message includes details and the log tail."""
 
@@ -197,6 +204,11 @@ class ComfyServer:
             if not self.checkpoint.is_file():
                 raise FileNotFoundError(self.checkpoint)
             (models / "checkpoints" / self.checkpoint.name).symlink_to(self.checkpoint.resolve())
+            # other seeded fixture files the shipped workflows name (pOps, issue 6: pops_fixtures.py)
+            for sub, files in _fixture_model_files().items():
+                (models / sub).mkdir(exist_ok=True)
+                for f in files:
+                    (models / sub / f.name).symlink_to(Path(f).resolve())
 
         cn = self.root / "custom_nodes"
         if self.with_pack:
