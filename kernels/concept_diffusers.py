@@ -48,7 +48,8 @@ class HFConceptText:
 
     def __init__(self, tokenizer, text_encoder, max_length: int | None = None):
         self.tok, self.te = tokenizer, text_encoder
-        self.max_length = int(max_length or tokenizer.model_max_length)
+        limit = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+        self.max_length = int(max_length or min(tokenizer.model_max_length, limit or tokenizer.model_max_length))
         self.width = int(text_encoder.get_input_embeddings().weight.shape[1])
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
