@@ -355,6 +355,7 @@ def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after,
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
+    instruction._optimizer = opt          # callbacks may checkpoint ``opt.state_dict()``
     clip = instruction.init_scale() if clip_grad else None
     guided = tuple(guidance) if loss_on_guided_prediction else None
     losses = []

@@ -803,3 +803,81 @@ def load_clip_vision_any(path: str, heads=None, hidden_act=None):
         raise ValueError(f"{os.path.basename(path)}: CLIP vision weights do not fit the inferred config "
                          f"(missing {list(m)[:3]})")
     return cv
+
+
+# ---- InstructBrush (issue 8) ------------------------------------------------------------
+# InstructPix2Pix models: detection, the eps prediction with the image latent concatenated
+# (for learning, gradients on), cross-attention widths, image encoding in the IP2P convention.
+
+
+def ip2p_check(model) -> None:
+    """Raise unless ``model`` is an eps-prediction InstructPix2Pix UNet (image latent concatenated)."""
+    import comfy.model_base
+
+    ensure_supported(model)
+    base = model.model
+    if not isinstance(base, comfy.model_base.IP2P):
+        raise UnsupportedModelError(
+            f"InstructBrush needs an InstructPix2Pix model (a UNet whose input takes the image latent, e.g. "
+            f"instruct-pix2pix.safetensors); this model is {type(base).__name__}")
+    if prediction_type(model) != "epsilon":
+        raise UnsupportedModelError("InstructBrush supports eps-prediction InstructPix2Pix models only")
+
+
+def cross_attention_widths(model) -> list:
+    """Output width of ``to_k`` of every cross-attention layer, in forward order."""
+    dm = model.get_model_object("diffusion_model")
+    out = []
+    for layer in cross_attention_layers(model):
+        name, i, j = layer.key
+        blk = dm.middle_block if name == "middle" else (dm.input_blocks if name == "input" else dm.output_blocks)[i]
+        st = next(m for m in blk if hasattr(m, "transformer_blocks"))
+        out.append(int(st.transformer_blocks[j].attn2.to_k.weight.shape[0]))
+    return out
+
+
+def ip2p_encode_pairs(model, vae, before: torch.Tensor, after: torch.Tensor) -> tuple:
+    """(image-conditioning latents, target latents): ``vae.encode`` of the before images as
+    InstructPixToPixConditioning attaches them (unscaled), ``process_latent_in`` of the after images."""
+    with torch.no_grad():
+        c_img = vae.encode(before[..., :3]).float()
+        z0 = model.model.process_latent_in(vae.encode(after[..., :3]).float()).float()
+    return c_img.detach(), z0.detach()
+
+
+def text_condition(clip, text: str) -> torch.Tensor:
+    """The cross-attention context tensor ``[1, 77k, D]`` of ``text``."""
+    with torch.no_grad():
+        return clip.encode_from_tokens(clip.tokenize(text)).float().detach()
+
+
+class ComfyIP2PEps:
+    """``predict_eps(z_t, t, image, text)`` of :func:`..kernels.instructbrush.learn` over a hooked
+    IP2P ModelPatcher: ``BaseModel.apply_model`` at ``sigma(t)`` with the k-space input
+    ``z_t * sqrt(1 + sigma^2)`` and ``c_concat`` = the image latent (zeros for ``None``);
+    eps = (x - x0) / sigma. Runs with gradients (call inside ``torch.enable_grad()``)."""
+
+    def __init__(self, patcher, cond: torch.Tensor, uncond: torch.Tensor):
+        ip2p_check(patcher)
+        self.patcher = patcher
+        self.schedule = vp_schedule(patcher)
+        self.cond, self.uncond = cond, uncond
+        comfy.model_management.load_models_gpu([patcher])
+        self.device = patcher.load_device
+
+    def __call__(self, zt, t, image, text: bool):
+        B = zt.shape[0]
+        sigma = self.schedule.sigma(torch.as_tensor(t).reshape(-1).expand(B).double()).float().to(self.device)
+        s = sigma.view(-1, 1, 1, 1)
+        x = zt.to(self.device) * (1.0 + s ** 2).sqrt()
+        img = torch.zeros_like(x) if image is None else image.to(self.device, x.dtype)
+        ctx = (self.cond if text else self.uncond).to(self.device).expand(B, -1, -1)
+        opts = dict(self.patcher.model_options.get("transformer_options", {}))
+        opts.update({"cond_or_uncond": [0], "sigmas": sigma, "uuids": [None]})
+        x0 = self.patcher.model.apply_model(x, sigma, c_concat=img, c_crossattn=ctx, transformer_options=opts).float()
+        return ((x - x0) / s).float()
+
+
+def instruction_folder() -> str:
+    """Register ``models/photoops_instructions`` + ``output/photoops_instructions``; returns the output side."""
+    return register_folder("photoops_instructions", "photoops_instructions")
