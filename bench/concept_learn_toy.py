@@ -6,7 +6,9 @@ is learned with the ConceptLearn EM kernel from ``--photos`` rendered photos of 
 Then ``"a {fg} {0} on a {bg} background"`` is sampled on HELD-OUT colours (blue/yellow on
 gray/purple), DDIM 25 steps, CFG 3, and the ground-truth scorer reads the shape (3x3 blur,
 as the toy model's own evaluation).  Reported: shape success before (the init word's row)
-and after learning, the real shape word as the ceiling, and the IoU of the final masks with
+and after learning; the masked eps loss on held-out photos of the shape at fixed (t, eps) with
+the init row, the learned row and the true shape word (never shown), and the fraction of the
+init-to-word gap the learned row closes; the real shape word as the ceiling, and the IoU of the final masks with
 the ground-truth object masks (masks are binary by construction; checked).
 
     python bench/concept_learn_toy.py [--steps 200] [--photos 6] [--per-combo 6] [--json out.json]
@@ -52,11 +54,15 @@ def main():
                 word = "square" if shape != "square" else "circle"
             e0 = text.init_vector(word)[None, None]
             before = ct.shape_success(tm, text, e0, shape, args.per_combo, seed=args.seed)
+            l_init = ct.heldout_loss(den, text, e0, shape)
+            l_word = ct.heldout_loss(den, text, text.init_vector(shape)[None, None], shape)
             cfg = cl.ConceptConfig(steps=args.steps, em_rounds=args.rounds, lr=args.lr, seed=args.seed)
             t0 = time.perf_counter()
             res = ct.learn(den, text, hooks, imgs, caps, word, cfg)
             dt = time.perf_counter() - t0
             after = ct.shape_success(tm, text, res.vectors, shape, args.per_combo, seed=args.seed)
+            l_learned = ct.heldout_loss(den, text, res.vectors, shape)
+            gap = (l_init - l_learned) / (l_init - l_word) if l_init != l_word else float("nan")
             m = res.masks[:, 0]
             binary = bool(((m == 0) | (m == 1)).all())
             ious = cl.mask_iou(m, gt).tolist()
@@ -64,13 +70,15 @@ def main():
             row = {"shape": shape, "init_word": word, "before": before["shape"], "after": after["shape"],
                    "ceiling_real_word": ceiling["shape"], "after_fg": after["fg"], "after_bg": after["bg"],
                    "shapes_read_before": before["shapes_read"], "shapes_read_after": after["shapes_read"],
-                   "mask_iou_mean": sum(ious) / len(ious), "mask_iou_min": min(ious), "masks_binary": binary,
+                   "heldout_loss_init": l_init, "heldout_loss_learned": l_learned, "heldout_loss_word": l_word,
+                   "heldout_gap_closed": gap, "mask_iou_mean": sum(ious) / len(ious), "mask_iou_min": min(ious), "masks_binary": binary,
                    "mask_iou_per_estep": iou_hist, "steps_done": res.steps_done, "train_s": dt,
                    "loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
                    "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:])), "n_samples": after["n"]}
             rows.append(row)
             print(f"{shape:8s} init={word:7s} success before {before['shape']:.2f} -> after {after['shape']:.2f} "
-                  f"(real word {ceiling['shape']:.2f}; fg {after['fg']:.2f} bg {after['bg']:.2f}); "
+                  f"(real word {ceiling['shape']:.2f}; fg {after['fg']:.2f} bg {after['bg']:.2f}); held-out loss "
+                  f"{l_init:.4f} -> {l_learned:.4f} (word {l_word:.4f}, gap closed {gap:.2f}); "
                   f"mask IoU mean {row['mask_iou_mean']:.3f} min {row['mask_iou_min']:.3f} binary={binary}; "
                   f"IoU per E-step {[round(v, 3) for v in iou_hist]}; {res.steps_done} steps in {dt:.1f}s", flush=True)
     b = sum(r["before"] for r in rows) / len(rows)

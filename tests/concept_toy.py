@@ -92,3 +92,26 @@ def shape_success(tm, text, vectors, shape: str, per_combo: int = 2, seed: int =
         shapes[s["shape"]] = shapes.get(s["shape"], 0) + 1
     return {"n": len(prompts), "shape": sum(ok) / len(ok), "fg": sum(fg_ok) / len(ok), "bg": sum(bg_ok) / len(ok),
             "shapes_read": shapes}
+
+
+@torch.no_grad()
+def heldout_loss(den, text, vectors, shape: str = "triangle", n: int = 4, seed: int = 5, timesteps=(100, 300, 500, 700, 900)):
+    """Mean eps-MSE on held-out photos (held-out colours) at fixed (t, eps): lower = the token explains the shape.
+
+    ``vectors`` ``[1, 1, d]`` spliced at ``{0}`` in ``"a {fg} {0} on a {bg} background"``.
+    """
+    _, imgs, caps, masks = photos(shape, n, seed=seed, fgs=HELD_FG, bgs=HELD_BG)
+    g = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for i in range(n):
+        cond, _ = text.encode(cl.parse_caption(caps[i], 1), vectors)
+        t = torch.tensor(timesteps)
+        eps = torch.randn((len(t),) + tuple(imgs.shape[1:]), generator=g)
+        sigma = den.schedule.sigmas[t].float()
+        x = imgs[i:i + 1] + sigma.view(-1, 1, 1, 1) * eps
+        x0 = den.predict_x0_grad(x, sigma, cond)
+        eps_pred = (x - x0) / sigma.view(-1, 1, 1, 1)
+        m = masks[i].float()
+        total += float((((eps_pred - eps) ** 2) * m).sum() / (m.sum() * eps.shape[0] * eps.shape[1]))
+        count += 1
+    return total / count
