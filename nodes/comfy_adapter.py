@@ -549,15 +549,34 @@ def encode_images_for_training(model, vae, images: torch.Tensor) -> torch.Tensor
         return model.model.process_latent_in(lat.float()).float().clone()
 
 
-def embeddings_dir() -> str:
-    """The first configured embeddings folder (what ``embedding:NAME`` searches first)."""
+def embeddings_dir(create: bool = True) -> str:
+    """``<output>/embeddings``, registered as an embeddings folder (appended to the search list).
+
+    ComfyUI registers ``output/checkpoints``, ``output/loras`` ... the same way for what its own
+    training nodes write; ``embedding:NAME`` then finds our files in every CLIP loaded after the
+    registration (the pack registers it at import).  Writing under the output directory keeps
+    a test server's (and a user's) ``models`` folders untouched.
+    """
     import os
 
     import folder_paths
 
-    d = folder_paths.get_folder_paths("embeddings")[0]
-    os.makedirs(d, exist_ok=True)
+    d = os.path.join(folder_paths.get_output_directory(), "embeddings")
+    folder_paths.add_model_folder_path("embeddings", d)
+    if create:
+        os.makedirs(d, exist_ok=True)
     return d
+
+
+def find_embedding(name: str):
+    """Path of an existing embedding ``name`` (any extension ComfyUI tries, any embeddings folder) or None."""
+    import folder_paths
+
+    for ext in (".safetensors", ".pt", ".bin"):
+        p = folder_paths.get_full_path("embeddings", name + ext)
+        if p is not None:
+            return p
+    return None
 
 
 def embedding_files() -> list:

@@ -2,9 +2,12 @@
 
 Runs the EM kernel (``kernels/concept_learn.py``) on the ComfyUI model: the text side and
 the graph-keeping denoiser live in ``comfy_adapter`` (ConceptLearn section).  Each concept
-becomes ``<embeddings>/<name>.safetensors`` with one ``emb_params`` tensor ``[m, d]``
-(spec §8.2), usable at once as ``embedding:<name>`` in any prompt (ComfyUI reads the
-embeddings folder at every tokenisation) and in other UIs.
+becomes ``<output>/embeddings/<name>.safetensors`` with one ``emb_params`` tensor ``[m, d]``
+(spec §8.2).  That folder is registered as an embeddings folder (as ComfyUI registers
+``output/loras`` for its trainer), so the file is usable at once as ``embedding:<name>`` in any
+prompt (ComfyUI reads embedding files at every tokenisation); copy it to ``models/embeddings``
+or another UI's folder to share it.  (The spec says "the first embeddings folder"; we write
+under the output directory like every other PhotoOps save node and ComfyUI's own trainer [D].)
 """
 from __future__ import annotations
 
@@ -110,7 +113,7 @@ class ConceptLearnNode(io.ComfyNode):
             description="Learns one new token per concept (and its mask in every photo) from 1-N photos by EM: "
                         "token steps with a masked diffusion + attention loss, then masks re-estimated from the "
                         "tokens' cross-attention. Saves each concept as a standard embedding file; use it as "
-                        "embedding:NAME in any prompt. SD1.x / SD2.x models.",
+                        "embedding:NAME in any prompt (files in output/embeddings). SD1.x / SD2.x models.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x / SD2.x model (cloned; its weights stay frozen)."),
                 io.Clip.Input("clip", tooltip="The same checkpoint's CLIP. Its clip-skip setting is used for "
@@ -147,7 +150,7 @@ class ConceptLearnNode(io.ComfyNode):
                                  tooltip="Let pixels belong to no concept. Turn off when the concepts cover the whole "
                                          "photo (e.g. person + room)."),
                 io.Int.Input("save_every", default=100, min=0, max=10000, optional=True,
-                             tooltip="Write a checkpoint embedding every N steps to embeddings/conceptlearn/"
+                             tooltip="Write a checkpoint embedding every N steps to output/embeddings/conceptlearn/"
                                      "NAME-STEP (usable as embedding:conceptlearn/NAME-STEP). 0 = never."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace existing embedding files of the same names."),
@@ -211,6 +214,10 @@ class ConceptLearnNode(io.ComfyNode):
                 logging.info("Concept Learn: unchanged inputs, reusing %s", ", ".join(final.values()))
                 return cls._outputs(clip, imgs, masks, names, losses)
             for n, path in final.items():
+                other = ca.find_embedding(n)
+                if other is not None and os.path.abspath(other) != os.path.abspath(path):
+                    raise ValueError(f"an embedding named {n!r} already exists at {other}; embedding:{n} would be "
+                                     f"ambiguous, so choose another concept name")
                 if os.path.exists(path) and not overwrite:
                     raise ValueError(f"the embedding {path} already exists; choose another concept name or turn on "
                                      f"'overwrite'")
@@ -304,5 +311,10 @@ class ConceptLearnNode(io.ComfyNode):
             vecs.append(v)
         return torch.stack(vecs), int(step)
 
+
+try:      # register <output>/embeddings before any checkpoint (and its CLIP) is loaded
+    ca.embeddings_dir(create=False)
+except Exception:  # noqa: BLE001 - folder_paths not ready (import outside ComfyUI)
+    pass
 
 NODES = [ConceptLearnNode]

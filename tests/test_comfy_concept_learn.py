@@ -24,14 +24,20 @@ from tiny import one_thread  # noqa: E402,F401
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    """The fixture model; a temp output directory, so the node writes <tmp>/embeddings (searched alone)."""
     model, clip, vae, _ = inprocess.load_fixture(vae=True)
-    emb_dir = tmp_path_factory.mktemp("embeddings")
+    out_dir = tmp_path_factory.mktemp("output")
+    old_out = folder_paths.get_output_directory()
     old = folder_paths.folder_names_and_paths.get("embeddings")
-    folder_paths.folder_names_and_paths["embeddings"] = ([str(emb_dir)], {".safetensors", ".pt", ".bin"})
-    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
+    folder_paths.set_output_directory(str(out_dir))
+    folder_paths.folder_names_and_paths["embeddings"] = ([], {".safetensors", ".pt", ".bin"})
+    emb_dir = ca.embeddings_dir()
+    assert emb_dir == str(out_dir / "embeddings")
+    assert folder_paths.get_folder_paths("embeddings") == [emb_dir]
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 64, 80, 3, generator=g)
-    yield {"model": model, "clip": clip, "vae": vae, "dir": str(emb_dir), "images": images}
+    yield {"model": model, "clip": clip, "vae": vae, "dir": emb_dir, "images": images}
+    folder_paths.set_output_directory(old_out)
     if old is not None:
         folder_paths.folder_names_and_paths["embeddings"] = old
 
@@ -157,6 +163,16 @@ def test_bad_inputs(env):
     with pytest.raises(ValueError, match="presence names concept 2"):
         _run(env, names="cl_x", words="dog", presence="0: 2")
     assert not os.path.exists(os.path.join(env["dir"], "cl_x.safetensors"))
+    # a same-named embedding in another embeddings folder would make embedding:NAME ambiguous
+    other = os.path.join(os.path.dirname(env["dir"]), "other_embeddings")
+    os.makedirs(other, exist_ok=True)
+    ca.save_concept_embedding(os.path.join(other, "cl_elsewhere.safetensors"), torch.zeros(1, 768), {})
+    folder_paths.add_model_folder_path("embeddings", other)
+    try:
+        with pytest.raises(ValueError, match="ambiguous"):
+            _run(env, names="cl_elsewhere", words="dog", overwrite=True)
+    finally:
+        folder_paths.folder_names_and_paths["embeddings"][0].remove(other)
 
 
 def test_user_masks_are_the_start(env):
