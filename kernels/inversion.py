@@ -48,6 +48,19 @@ prediction at the anchored inverted latent ``L[N-i]``::
     n*_i = (L[N-i-1] - D_src - s_down(eta_i) eps_hat_src) / s_up(eta_i)        (I11)
     k*   = argmin_k mean((n_k - n*_i)^2),   n_1..n_K ~ N(0, I) seeded draws     (I12)
 
+LEDITS++ inversion with the SDE DPM-Solver++ 2M, midpoint (DDPM §4.3, k-space form §4.7),
+a step ``s -> s'`` with ``h = log(s / s')``, ``q = (s'/s)^2 = e^{-2h}``, and, from the second
+step of a run on, the previous step's prediction ``D_prev`` and ``r = h_prev / h``::
+
+    m  = q x + (1 - q) D  [+ 0.5 (1 - q) (D - D_prev) / r]                      (I13)
+    x' = m + s' sqrt(1 - q) z                                                 (I14)
+    z_i = (x_k(t_{i+1}) - m_i) / (s' sqrt(1 - q))    on the ladder (I8)         (I15)
+
+(I13)-(I14) is ComfyUI's ``sample_dpmpp_2m_sde`` with eta 1, s_noise 1, midpoint; a step to
+sigma 0 returns ``D``.  The history restarts at the first step of every run, so an
+inversion and its replay must start at the same step (LEdits++ inverts only the steps it
+will replay, DDPM §4.2).
+
 Ladders are returned as ``[N+1, B, C, H, W]`` with ``ladder[k]`` at level
 ``sigmas[N-k]``: ``ladder[0]`` the clean end, ``ladder[N]`` the start latent.
 """
@@ -67,6 +80,9 @@ __all__ = [
     "ddim_invert",
     "ddim_invert_step",
     "ddpm_invert",
+    "dpmpp_2m_sde_invert",
+    "dpmpp_2m_sde_step",
+    "replay_dpmpp_2m_sde",
     "eta_inversion_noises",
     "replay_sample",
     "select_candidate",
@@ -413,6 +429,114 @@ def replay_sample(model, x, sigmas, extra_args=None, callback=None, disable=None
         if callback is not None:
             callback({"x": x, "i": j, "sigma": sigmas[j], "sigma_hat": sigmas[j], "denoised": denoised})
         x = ddim_eta_step(x, denoised, s[j], s[j + 1], _eta_at(eta, i, x), None if noises is None else noises[i])
+    return x
+
+
+# ----------------------------------------------------------------------------- LEDITS++: SDE DPM-Solver++ 2M
+
+def _dpm_mean(x, denoised, old_denoised, s: float, sn: float, s_prev: Optional[float]):
+    """(I13): the deterministic part of a 2M SDE step; returns ``(m, noise_std)``."""
+    q = (sn / s) ** 2
+    m = q * x + (1.0 - q) * denoised
+    if old_denoised is not None:
+        r = math.log(s_prev / s) / math.log(s / sn)
+        m = m + (0.5 * (1.0 - q) / r) * (denoised - old_denoised)
+    return m, sn * math.sqrt(1.0 - q)
+
+
+def dpmpp_2m_sde_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, noise):
+    """(I13), (I14): one SDE DPM-Solver++ 2M (midpoint) step ``sigma -> sigma_next``.
+
+    ``old_denoised`` / ``sigma_prev``: the previous step of this run (None on its first
+    step: first order).  ``sigma_next == 0`` returns ``denoised`` (no noise).
+    """
+    s, sn = float(sigma), float(sigma_next)
+    if sn == 0.0:
+        return denoised
+    if not 0 < sn < s:
+        raise ValueError(f"a sampling step needs sigma > sigma_next >= 0, got {s} -> {sn}")
+    if old_denoised is not None and not float(sigma_prev) > s:
+        raise ValueError("sigma_prev must be larger than sigma when a previous prediction is given")
+    m, std = _dpm_mean(x, denoised, old_denoised, s, sn, None if sigma_prev is None else float(sigma_prev))
+    if noise.shape != x.shape:
+        raise ValueError(f"noise map of shape {tuple(noise.shape)} does not match the latent {tuple(x.shape)}")
+    return m + std * noise.to(dtype=x.dtype, device=x.device)                # (I14)
+
+
+@torch.no_grad()
+def dpmpp_2m_sde_invert(denoise: Callable, x0: torch.Tensor, sigmas, generator: Optional[torch.Generator] = None,
+                        noise: Optional[torch.Tensor] = None, callback: Optional[Callable] = None,
+                        interrupt: Optional[Callable] = None):
+    """LEDITS++ inversion (DDPM §4.3 / §4.7): ``(x_start, zs, ladder)`` like :func:`ddpm_invert`.
+
+    Ladder (I8) with the same noise draws and order as :func:`ddpm_invert` (diffusers'
+    LEdits++ ``invert``); then for ``i = 0..N-1`` (noisiest first) the prediction at the
+    corrected rung ``i``, ``z_i`` from (I15) and the correction ``rung_{i+1} := m_i + S z_i``
+    computed exactly as :func:`replay_dpmpp_2m_sde` does, so a replay of ``zs`` from
+    ``x_start`` with the same denoiser returns ``ladder[0]`` (= ``x0`` up to one rounding).
+    The multistep history is advanced exactly as in sampling: step ``i`` uses step ``i-1``'s
+    prediction.  Invert only the sigmas you will replay (the history starts at ``sigmas[0]``).
+    A list ending at sigma 0 makes the last step deterministic (``z = 0``, ``ladder[0] = D``):
+    not exact, as diffusers' ``final_sigmas_type="zero"`` (DDPM §4.3).
+    ``callback``/``interrupt`` as in :func:`ddpm_invert`.  Sequential only (each step needs
+    the previous prediction).
+    """
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    x0 = _work_dtype(x0)
+    if noise is None:
+        dev = generator.device if generator is not None else x0.device
+        drawn = [None] * n
+        for i in reversed(range(n)):          # least noisy first (diffusers LEdits++ order)
+            drawn[i] = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
+        noise = torch.stack(drawn)
+    elif tuple(noise.shape) != (n, *x0.shape):
+        raise ValueError(f"ladder noise must have shape {(n, *x0.shape)}, got {tuple(noise.shape)}")
+    noise = noise.to(dtype=x0.dtype, device=x0.device)
+    ladder = x0.new_empty((n + 1, *x0.shape))
+    ladder[0] = x0
+    for i in range(n):
+        ladder[n - i] = x0 + s[i] * noise[i]                                  # (I8)
+    zs = x0.new_zeros((n, *x0.shape))
+    old = None
+    for i in range(n):
+        _check_interrupt(interrupt)
+        x = ladder[n - i]
+        denoised = denoise(x, _sigma_in(s[i], x))
+        if s[i + 1] > 0:
+            m, std = _dpm_mean(x, denoised, old, s[i], s[i + 1], s[i - 1] if i else None)
+            zs[i] = (ladder[n - i - 1] - m) / std                             # (I15)
+        ladder[n - i - 1] = dpmpp_2m_sde_step(x, denoised, old, s[i], s[i + 1], s[i - 1] if i else None, zs[i])
+        old = denoised
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s[i], "denoised": denoised, "z": zs[i], "total": n})
+    return ladder[n].clone(), zs, ladder
+
+
+@torch.no_grad()
+def replay_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, noises=None, start=0):
+    """k-diffusion sampler: SDE DPM-Solver++ 2M (midpoint) with stored noise maps (LEDITS++ edit).
+
+    Signature, callback and ``start`` indexing as :func:`replay_sample`; step ``j`` uses
+    ``noises[start + j]``.  The multistep history starts with this call, matching an
+    inversion made over the same ``sigmas``.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    start = int(start)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if noises is None or len(noises) < start + n:
+        have = 0 if noises is None else len(noises)
+        raise ValueError(f"replay needs noise maps for steps {start}..{start + n - 1} but {have} are stored")
+    old = None
+    for j in range(n):
+        denoised = model(x, _sigma_in(s[j], x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": j, "sigma": sigmas[j], "sigma_hat": sigmas[j], "denoised": denoised})
+        x = dpmpp_2m_sde_step(x, denoised, old, s[j], s[j + 1], s[j - 1] if j else None, noises[start + j])
+        old = denoised
     return x
 
 

@@ -21,7 +21,10 @@ from photoops.kernels.inversion import (
     ddim_invert,
     ddim_invert_step,
     ddpm_invert,
+    dpmpp_2m_sde_invert,
+    dpmpp_2m_sde_step,
     eta_inversion_noises,
+    replay_dpmpp_2m_sde,
     replay_sample,
     select_candidate,
 )
@@ -653,3 +656,133 @@ def test_batched_ddpm_inversion_reconstructs(world, batch):
     assert rel(out, x0) <= 1e-5
     # same maps as the sequential inversion up to rounding amplified by 1/s_up
     assert rel(zs_b, zs_seq) <= 1e-4
+
+
+# ============================================================================ LEDITS++ inversion (SDE DPM-Solver++ 2M)
+
+def kdiff_dpmpp_2m_sde(model, x, sigmas, noises):
+    """k-diffusion's ``sample_dpmpp_2m_sde`` (eta 1, s_noise 1, midpoint) written out from its
+    published formulas, with the noise sampler returning the given maps (DDPM §4.7)."""
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, sn = sigmas[i], sigmas[i + 1]
+        d = model(x, torch.full((x.shape[0],), float(s), dtype=x.dtype))
+        if sn == 0:
+            x = d
+        else:
+            t, u = -math.log(s), -math.log(sn)
+            h = u - t
+            x = (sn / s) * math.exp(-h) * x + (-math.expm1(-2 * h)) * d
+            if old is not None:
+                x = x + 0.5 * (-math.expm1(-2 * h)) * (h_last / h) ** -1 * (d - old)
+            x = x + noises[i] * sn * math.sqrt(-math.expm1(-2 * h))
+            h_last = h
+        old = d
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(SIGMA_LISTS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_p17_dpm_round_trip_exact(name, dtype, tol):
+    """P17: LEDITS++ (SDE DPM-Solver++ 2M) inversion then replay returns x0; every corrected rung is hit
+    bit for bit; the replay is k-diffusion's sample_dpmpp_2m_sde with the stored noise (float64 1e-12)."""
+    sig = SIGMA_LISTS[name].to(dtype)
+    n = len(sig) - 1
+    toy, x0 = Toy(dtype), latent(dtype)
+    x_start, zs, ladder = dpmpp_2m_sde_invert(toy, x0, sig, generator=torch.Generator().manual_seed(5))
+    seen = []
+    out = replay_dpmpp_2m_sde(toy, x_start, sig, noises=zs, callback=lambda d: seen.append(d["x"]))
+    assert torch.equal(out, ladder[0])
+    for j, x in enumerate(seen):
+        assert torch.equal(x, ladder[n - j])
+    err = (out - x0).abs().max() if dtype == torch.float64 else rel(out, x0)
+    assert err <= tol
+    if dtype == torch.float64:
+        ref = kdiff_dpmpp_2m_sde(toy, x_start, sig.tolist(), zs)
+        assert (ref - out).abs().max() <= 1e-12
+    # the second-order term matters: a first-order replay of the same maps does not reconstruct
+    first = x_start
+    for i in range(n):
+        first = dpmpp_2m_sde_step(first, toy(first, torch.full((2,), float(sig[i]), dtype=dtype)), None,
+                                  sig[i], sig[i + 1], None, zs[i])
+    assert rel(first, x0) > 1e-3
+    # and the DDPM replay of the same maps does not either
+    assert rel(replay_sample(toy, x_start, sig, noises=zs), x0) > 1e-3
+
+
+def test_dpm_skip_means_inverting_the_replayed_steps_only():
+    """The 2M history restarts with each run, so a skipped edit must be inverted over sigmas[skip:]
+    (LEdits++, DDPM §4.2); replaying part of a full-schedule inversion is not exact."""
+    sig, skip = DDIM10, 3
+    toy, x0 = Toy(), latent()
+    x_start, zs, _ = dpmpp_2m_sde_invert(toy, x0, sig[skip:], generator=torch.Generator().manual_seed(2))
+    assert (replay_dpmpp_2m_sde(toy, x_start, sig[skip:], noises=zs) - x0).abs().max() <= 1e-12
+    full = dpmpp_2m_sde_invert(toy, x0, sig, generator=torch.Generator().manual_seed(2))
+    part = replay_dpmpp_2m_sde(toy, full[2][len(sig) - 1 - skip], sig[skip:], noises=full[1], start=skip)
+    assert (part - x0).abs().max() > 1e-6
+
+
+def test_dpm_bad_input_and_sigma_zero():
+    toy, x0 = Toy(), latent()
+    with pytest.raises(ValueError, match="noise maps"):
+        replay_dpmpp_2m_sde(toy, x0, DDIM10, noises=None)
+    with pytest.raises(ValueError, match="ladder noise"):
+        dpmpp_2m_sde_invert(toy, x0, DDIM10, noise=torch.zeros(3, *x0.shape, dtype=x0.dtype))
+    sig0 = ddim_sigmas(torch.arange(901, 0, -100), final="zero")
+    x_start, zs, ladder = dpmpp_2m_sde_invert(toy, x0, sig0, generator=torch.Generator().manual_seed(0))
+    assert torch.all(zs[-1] == 0)
+    out = replay_dpmpp_2m_sde(toy, x_start, sig0, noises=zs)
+    assert torch.equal(out, ladder[0]) and (out - x0).abs().max() > 1e-3   # documented: not exact at sigma 0
+
+
+def test_ledits_pp_dpm_invert_parity(world):
+    """LEDITS++ inversion parity: LEdits++ ``invert`` with its own scheduler,
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)``, gives
+    ``pipe.zs`` and ``pipe.init_latents`` equal to ours on the same sigmas (its timesteps, then
+    sigma 0: diffusers' ``final_sigmas_type="zero"``), noise draws and empty source prompt.
+
+    Tolerances as in the DDIM parity above: diffusers works in VP form, we in k-form, so
+    inputs differ by float32 rounding; we bound |dz_i| * S_i (S_i the VP noise std of step i,
+    the latent change the z makes) by 1e-5 and the start latent by 1e-5 absolute.  The last
+    step goes to sigma 0 (z = 0 in both).
+    """
+    from diffusers import DPMSolverMultistepScheduler
+    from PIL import Image
+
+    w = world
+    pipe = w.pipe
+    old_sched = pipe.scheduler
+
+    class LongAddNoiseDPM(DPMSolverMultistepScheduler):
+        def add_noise(self, original_samples, noise, timesteps):
+            return super().add_noise(original_samples, noise, timesteps.long())
+
+    pipe.scheduler = LongAddNoiseDPM(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                     algorithm_type="sde-dpmsolver++", solver_order=2, steps_offset=1,
+                                     timestep_spacing="leading")
+    try:
+        img = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255)
+                              .to(torch.uint8).numpy())
+        n_inv, seed = 8, 11
+        pipe.invert(image=img, source_prompt="", num_inversion_steps=n_inv, skip=0.25,
+                    generator=torch.Generator().manual_seed(seed))
+        ts = pipe.inversion_steps.long()
+        x0 = pipe.encode_image(img)[0]
+        sig = w.sigmas(ts, final="zero").to(torch.float32)
+        x_start, zs, _ = dpmpp_2m_sde_invert(w.denoise, x0, sig, generator=torch.Generator().manual_seed(seed))
+        theirs = pipe.zs                  # sampling order: index 0 = the noisiest step
+        assert zs.shape == theirs.shape == (n_inv, *x0.shape)
+        assert torch.all(theirs[-1] == 0) and torch.all(zs[-1] == 0)
+        worst = 0.0
+        for i in range(n_inv - 1):
+            q = (float(sig[i + 1]) / float(sig[i])) ** 2
+            std = float(sig[i + 1]) * math.sqrt(1 - q) * math.sqrt(abar_of(float(sig[i + 1])))
+            worst = max(worst, float((zs[i] - theirs[i]).abs().max()) * std)
+        assert worst <= 1e-5, worst
+        init_vp = x_start * math.sqrt(abar_of(float(sig[0])))
+        assert (init_vp - pipe.init_latents).abs().max() <= 1e-5
+        # sensitivity: the DDPM inversion of the same ladder gives other maps
+        _, zs_ddpm, _ = ddpm_invert(w.denoise, x0, sig, generator=torch.Generator().manual_seed(seed))
+        assert (zs_ddpm[1] - theirs[1]).abs().max() > 1e-2
+    finally:
+        pipe.scheduler = old_sched
