@@ -88,7 +88,7 @@ class InstructionLearnNode(io.ComfyNode):
                              tooltip="Optimisation steps (VISII / spec default 1000)."),
                 io.Float.Input("lr", default=1e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
                                tooltip="AdamW learning rate on the keys/values (spec default 1e-3)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the timestep order and the noise."),
                 io.Int.Input("time_ranges", default=5, min=1, max=20,
                              tooltip="Time-aware instruction: independent keys/values per range of timesteps "
@@ -147,7 +147,10 @@ class InstructionLearnNode(io.ComfyNode):
             if resume and os.path.exists(partial):
                 start, opt_state = _load_partial(partial, inst, settings)
             patched, _ = _hooked(model, inst)
-            predict = ca.ComfyIP2PEps(patched, cond, uncond)
+            predict = ca.ComfyIP2PEps(patched, cond, uncond)     # loads the model onto its device
+            # ComfyUI loads weights under inference_mode; autograd needs normal copies (restored after)
+            weights = ca.normal_weight_copies(patched.model.diffusion_model)
+            weights.__enter__()
             pbar = ca.progress_bar(steps)
             pbar.update_absolute(start, steps)
             state = {"step": start}
@@ -169,6 +172,8 @@ class InstructionLearnNode(io.ComfyNode):
                     _save_partial(partial, inst, settings, state["step"])
                     LOG.warning("InstructBrush: stopped at step %d; resumable checkpoint %s", state["step"], partial)
                 raise
+            finally:
+                weights.__exit__(None, None, None)
         inst.meta.update(losses_first=res.losses[:5], losses_last=res.losses[-5:], steps_done=res.steps_done)
         path = _unique(folder, name)
         inst.save(path)

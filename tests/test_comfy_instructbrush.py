@@ -27,8 +27,9 @@ PROMPT = "make it blue"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     info = cached_ip2p_checkpoint()
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(info["path"], output_vae=True, output_clip=True,
-                                                                embedding_directory=None)
+    with torch.inference_mode():          # as ComfyUI's executor loads it: weights are inference tensors
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(info["path"], output_vae=True,
+                                                                    output_clip=True, embedding_directory=None)
     out = tmp_path_factory.mktemp("out")
     old = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(out))
@@ -49,7 +50,13 @@ def _learn(env, name, steps=2, **kw):
 
 
 def _edit(env, model, positive, seed=0, steps=2):
-    """Core graph: InstructPixToPixConditioning -> DualCFGGuider -> SamplerCustomAdvanced (as the workflow)."""
+    """Core graph: InstructPixToPixConditioning -> DualCFGGuider -> SamplerCustomAdvanced (as the workflow),
+    under inference mode as ComfyUI's executor runs it."""
+    with torch.inference_mode():
+        return _edit_inner(env, model, positive, seed, steps)
+
+
+def _edit_inner(env, model, positive, seed, steps):
     from comfy_extras.nodes_custom_sampler import Guider_DualCFG
     from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
 

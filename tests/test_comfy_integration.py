@@ -95,10 +95,12 @@ def test_workflow_runs_and_writes_pngs(comfyui_server, wf_path):
     prompt = ui_to_api(wf, srv.object_info())
     assert prompt, "empty prompt"
 
+    # the SD1.5 fixture, or another seeded fixture checkpoint the harness links in (IP2P, issue 8)
+    available = sorted(p.name for p in srv.path("checkpoints").iterdir())
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
-            assert node["inputs"]["ckpt_name"] == srv.checkpoint_name, (
-                f"{wf_path.name} names checkpoint {node['inputs']['ckpt_name']!r}; CI only has {srv.checkpoint_name!r}")
+            assert node["inputs"]["ckpt_name"] in available, (
+                f"{wf_path.name} names checkpoint {node['inputs']['ckpt_name']!r}; CI only has {available}")
 
     t0 = time.perf_counter()
     entry = srv.run_prompt(prompt, timeout=240)

@@ -476,6 +476,105 @@ WORKFLOWS.update({"pops_texturing_sdxl.json": pops_texturing_sdxl, "pops_chain_s
                   "ipadapter/pops_ipadapter_sdxl.json": pops_ipadapter_sdxl})
 
 
+# ---- InstructBrush (issue 8) ---------------------------------------------------------------
+IP2P_CKPT = "photoops_tiny_sd15_ip2p.safetensors"      # users: an InstructPix2Pix checkpoint (instruct-pix2pix)
+
+
+def instructbrush_learn_apply() -> dict:
+    """Two before/after pairs -> Instruction Learn -> Instruction Apply -> edit a new photo with core
+    InstructPixToPixConditioning + DualCFGGuider + SamplerCustomAdvanced.  The PNGs come from
+    ``tools.toyworld.ip2p.write_example_photos('workflows')``."""
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+                  widgets=[IP2P_CKPT], pos=(20, 40), title="InstructPix2Pix checkpoint")
+    imgs = {}
+    for i, name in enumerate(("before_1", "after_1", "before_2", "after_2")):
+        imgs[name] = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                            widgets=[f"instructbrush_{name}.png", "image"], pos=(20 + 230 * (i % 2), 220 + 300 * (i // 2)),
+                            size=(220, 290), title=name.replace("_", " "))
+    bb = g.node("ImageBatch", inputs=[("image1", "IMAGE"), ("image2", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
+                pos=(480, 220), size=(200, 50), title="before images")
+    ab = g.node("ImageBatch", inputs=[("image1", "IMAGE"), ("image2", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
+                pos=(480, 320), size=(200, 50), title="after images")
+    learn = g.node("PhotoOps_InstructionLearn",
+                   inputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("before", "IMAGE"),
+                           ("after", "IMAGE")],
+                   outputs=[("instruction", "PHOTOOPS_INSTRUCTION"), ("prompt", "STRING")],
+                   widgets=["make it blue", "instructbrush_demo", 4, 0.001, 0, "fixed", 5, 1, False, 100, True],
+                   pos=(720, 40), size=(360, 420), title="Instruction Learn (4 steps for the demo; use 1000)")
+    apply_ = g.node("PhotoOps_InstructionApply",
+                    inputs=[("model", "MODEL"), ("clip", "CLIP"), ("instruction", "PHOTOOPS_INSTRUCTION")],
+                    outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("prompt", "STRING")],
+                    widgets=[1.0], pos=(1120, 40), size=(300, 130))
+    photo = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                   widgets=["instructbrush_photo.png", "image"], pos=(1120, 220), size=(260, 300), title="New photo")
+    empty = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+                   widgets=[""], pos=(1120, 560), title="Empty prompt", size=(300, 100))
+    ip2p = g.node("InstructPixToPixConditioning",
+                  inputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                          ("pixels", "IMAGE")],
+                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
+                  pos=(1460, 40), size=(280, 110))
+    guider = g.node("DualCFGGuider",
+                    inputs=[("model", "MODEL"), ("cond1", "CONDITIONING"), ("cond2", "CONDITIONING"),
+                            ("negative", "CONDITIONING")],
+                    outputs=[("GUIDER", "GUIDER")], widgets=[7.5, 1.5, "regular"], pos=(1460, 200),
+                    size=(300, 170), title="DualCFGGuider (text 7.5, image 1.5: IP2P guidance)")
+    noise = g.node("RandomNoise", outputs=[("NOISE", "NOISE")], widgets=[0, "fixed"], pos=(1460, 410))
+    sampler = g.node("KSamplerSelect", outputs=[("SAMPLER", "SAMPLER")], widgets=["euler_ancestral"],
+                     pos=(1460, 520))
+    sched = g.node("BasicScheduler", inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
+                   widgets=["normal", 4, 1.0], pos=(1460, 620), title="BasicScheduler (4 steps for the demo; use 50)")
+    sca = g.node("SamplerCustomAdvanced",
+                 inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                         ("latent_image", "LATENT")],
+                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], pos=(1800, 40), size=(270, 110))
+    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 pos=(1800, 200), size=(210, 46))
+    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_instructbrush"], pos=(1800, 300),
+                  size=(260, 280))
+    g.link(imgs["before_1"], 0, bb, "image1")
+    g.link(imgs["before_2"], 0, bb, "image2")
+    g.link(imgs["after_1"], 0, ab, "image1")
+    g.link(imgs["after_2"], 0, ab, "image2")
+    g.link(ckpt, 0, learn, "model")
+    g.link(ckpt, 1, learn, "clip")
+    g.link(ckpt, 2, learn, "vae")
+    g.link(bb, 0, learn, "before")
+    g.link(ab, 0, learn, "after")
+    g.link(ckpt, 0, apply_, "model")
+    g.link(ckpt, 1, apply_, "clip")
+    g.link(learn, 0, apply_, "instruction")
+    g.link(ckpt, 1, empty, "clip")
+    g.link(apply_, 1, ip2p, "positive")
+    g.link(empty, 0, ip2p, "negative")
+    g.link(ckpt, 2, ip2p, "vae")
+    g.link(photo, 0, ip2p, "pixels")
+    g.link(apply_, 0, guider, "model")
+    g.link(ip2p, 0, guider, "cond1")
+    g.link(ip2p, 1, guider, "cond2")
+    g.link(empty, 0, guider, "negative")
+    g.link(apply_, 0, sched, "model")
+    g.link(noise, 0, sca, "noise")
+    g.link(guider, 0, sca, "guider")
+    g.link(sampler, 0, sca, "sampler")
+    g.link(sched, 0, sca, "sigmas")
+    g.link(ip2p, 2, sca, "latent_image")
+    g.link(sca, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return g.to_json("InstructBrush (Zhao et al.): learn an editing instruction from before/after pairs (here two "
+                     "pairs: object -> blue AND background -> black), saved to output/photoops_instructions, then "
+                     "apply it to a new photo. Instruction Apply returns the patched model and the encoded initial "
+                     "instruction; the rest is the standard InstructPix2Pix graph (InstructPixToPixConditioning, "
+                     "DualCFGGuider with the plain empty prompt as 'negative' = no image, SamplerCustomAdvanced). "
+                     "A saved instruction is reused with Load Instruction in place of Instruction Learn. Real use: "
+                     "an instruct-pix2pix checkpoint, 5-10 pairs, 1000 steps, 50 sampling steps.")
+
+
+WORKFLOWS.update({"instructbrush_learn_apply.json": instructbrush_learn_apply})
+
+
 def main():
     out = ROOT / "workflows"
     out.mkdir(exist_ok=True)

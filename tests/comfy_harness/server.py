@@ -93,9 +93,13 @@ else:
 
 def _fixture_model_files() -> dict:
     """{model folder: [files]} of the extra fixtures (generated once, cached like the checkpoint)."""
+    from .ip2p_fixtures import cached_ip2p_fixture_files
     from .pops_fixtures import cached_pops_fixtures
 
-    return cached_pops_fixtures()
+    files = cached_pops_fixtures()
+    for sub, extra in cached_ip2p_fixture_files().items():     # InstructBrush (issue 8): the IP2P checkpoint
+        files.setdefault(sub, []).extend(extra)
+    return files
 
 
 class ComfyError(RuntimeError):

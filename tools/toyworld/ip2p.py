@@ -217,17 +217,39 @@ def load_ip2p(directory: str = IP2P_DIR) -> ToyModel:
 # --------------------------------------------------------------------------- sampling
 
 
-def ip2p_eps(unet, x, t, image, cond, uncond, s_text: float, s_image: float):
+def ip2p_eps(unet, x, t, image, cond, uncond, s_text: float, s_image: float, holder=None):
     """IP2P three-branch guided eps (Brooks et al. eq. 3)::
 
         e(0,0) + s_I (e(I,0) - e(0,0)) + s_T (e(I,T) - e(I,0))
 
-    ``cond`` / ``uncond``: text features [B, L, D]; ``image`` the before image [B, 3, H, W]."""
+    ``cond`` / ``uncond``: text features [B, L, D]; ``image`` the before image [B, 3, H, W].
+    ``holder``: the call slot of hooked attention processors (``kernels.diffusers_adapter``); it is
+    given a CallInfo (chunks 0 = instruction, 1 and 2 = empty text, ``extra["timestep"]``)."""
     b = x.shape[0]
     xin = torch.cat([torch.cat([x, image], 1), torch.cat([x, image], 1), torch.cat([x, torch.zeros_like(image)], 1)])
-    emb = torch.cat([cond, uncond.expand(b, -1, -1), uncond.expand(b, -1, -1)])
-    e_it, e_i, e_0 = unet(xin, t, emb).sample.chunk(3)
+    emb = torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1), uncond.expand(b, -1, -1)])
+    e_it, e_i, e_0 = _unet_call(unet, xin, t, emb, holder, b).chunk(3)
     return e_0 + s_image * (e_i - e_0) + s_text * (e_it - e_i)
+
+
+def _unet_call(unet, xin, t, emb, holder, rows):
+    if holder is None:
+        return unet(xin, t, emb).sample
+    holder.call = _call_info(t, rows, tuple(xin.shape[-2:]))
+    try:
+        return unet(xin, t, emb).sample
+    finally:
+        holder.call = None
+
+
+def _call_info(t, rows, hw):
+    import importlib
+
+    proto = importlib.import_module(_KERNELS + ".protocol")
+    return proto.CallInfo(sigma=0.0, chunks=[0, 1, 2], rows_per_chunk=rows, latent_hw=hw, extra={"timestep": float(t)})
+
+
+_KERNELS = "photoops.kernels"   # the pack as tests and benches import it
 
 
 @torch.no_grad()
@@ -242,10 +264,11 @@ def ip2p_sample(
     s_image: float = 1.5,
     seed: int = 0,
     unet=None,
+    holder=None,
 ) -> torch.Tensor:
     """Edit ``images`` [B,3,32,32] with instructions (``prompts`` or precomputed ``cond`` features);
-    DDIM (eta 0) from seeded noise, three-branch guidance. ``unet`` overrides the model's UNet
-    (e.g. a hooked one)."""
+    DDIM (eta 0) from seeded noise, three-branch guidance. ``unet`` overrides the model's UNet;
+    ``holder``: see ``ip2p_eps`` (hooked attention)."""
     unet = unet or model.unet
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(images.shape, generator=g)
@@ -255,7 +278,7 @@ def ip2p_sample(
     sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(steps)
     for t in sched.timesteps:
-        eps = ip2p_eps(unet, x, t, images, cond, uncond, s_text, s_image)
+        eps = ip2p_eps(unet, x, t, images, cond, uncond, s_text, s_image, holder=holder)
         x = sched.step(eps, t, x).prev_sample
     return x
 
@@ -285,6 +308,30 @@ def evaluate_ip2p(model: ToyModel, n: int = 48, seed: int = 0, steps: int = 20, 
     return res, out, src
 
 
+def write_example_photos(directory: str, scale: int = 2) -> list:
+    """The PNGs the InstructBrush workflow loads (``workflows/instructbrush_*.png``): two before/after
+    pairs of the compound edit "object blue + background black" and one held-out photo, 32 px toy
+    scenes upscaled ``scale`` x (nearest) so their size is a multiple of 8."""
+    import numpy as np
+    from PIL import Image
+
+    edit = Edit(fg="blue", bg="black")
+    scenes = [s for s in sample_scenes(40, seed=2024) if edit.applies_to(s)][:3]
+    files = {"instructbrush_before_1.png": render_batch([scenes[0]]),
+             "instructbrush_after_1.png": render_batch([edit.apply(scenes[0])]),
+             "instructbrush_before_2.png": render_batch([scenes[1]]),
+             "instructbrush_after_2.png": render_batch([edit.apply(scenes[1])]),
+             "instructbrush_photo.png": render_batch([scenes[2]])}
+    out = []
+    for name, img in files.items():
+        x = ((img[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        x = np.repeat(np.repeat(x, scale, 0), scale, 1)
+        path = os.path.join(directory, name)
+        Image.fromarray(x).save(path)
+        out.append(path)
+    return out
+
+
 __all__ = [
     "EDIT_TEMPLATES",
     "IP2P_DIR",
@@ -300,4 +347,5 @@ __all__ = [
     "load_ip2p",
     "random_edits",
     "save_ip2p",
+    "write_example_photos",
 ]

@@ -5,10 +5,18 @@
 
 Starts from the committed toy T2I model (``tools/toyworld/model``), converted by
 ``ip2p_from_t2i``. Each batch: random scenes, one random single edit each (object recolour or
-background change, random phrasing), target = the exact re-render. Loss: eps-MSE with Min-SNR-5
-weighting and offset noise 0.1 (as the T2I run), on ``unet(cat([x_t, before]), t, text)``.
+background change, random phrasing), target = the exact re-render. Loss: eps-MSE (weighting below), offset noise 0.1 (as the T2I run), on ``unet(cat([x_t, before]), t, text)``.
 IP2P conditioning dropout: 5 % both conditions dropped, 7.5 % text only (empty instruction),
 7.5 % image only (zero image). AdamW (0.9/0.99), warm-up then cosine decay, clip 1.0, EMA.
+
+Changes from the T2I recipe. Attempt 1 (Min-SNR-5, uniform t, plain LR) and attempt 2 (weight
+``clamp(1/snr, 1, 10)``, image-channel update x10) both still ignored the before image after 400-600
+steps (preserve error 0.63-0.66; conv_in image weights 0.01 vs 0.10 for the noise channels): the
+image only matters at high noise, where the layout is decided, and there eps-MSE is tiny because
+x_t ~ eps, so the image gradient drowns in the low-t samples' noise. Hence: the loss is weighted
+by ``clamp(1/snr, 1, 50)`` (eps error converted to x0 error at high noise), half of the timesteps
+are drawn from [600, 1000), and the update of conv_in's zero-initialised image channels is scaled
+by ``--image-lr-mult`` 10.
 
 Resume state, checkpoint cadence and the bit-identical resume contract are those of
 ``tools/toyworld/train.py`` (its ``save_state`` / ``load_state`` are reused). At the end the EMA
@@ -35,27 +43,37 @@ from .sample import save_grid
 from .train import ema_decay, load_state, log, lr_at, named_params, save_state
 from .world import render_batch
 
-TRAJECTORY_ARGS = ("batch", "lr", "lr_floor", "warmup", "ema", "p_both", "p_text", "p_image", "snr_gamma", "offset_noise", "seed", "steps")
+TRAJECTORY_ARGS = ("batch", "lr", "lr_floor", "warmup", "ema", "p_both", "p_text", "p_image", "snr_gamma", "offset_noise", "seed",
+                   "steps", "image_lr_mult", "weighting", "x0_weight_max", "p_high_t", "high_t")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-floor", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--p-both", type=float, default=0.05, help="drop text and image")
     ap.add_argument("--p-text", type=float, default=0.075, help="drop the instruction only")
     ap.add_argument("--p-image", type=float, default=0.075, help="drop the before image only")
     ap.add_argument("--snr-gamma", type=float, default=5.0)
+    ap.add_argument("--weighting", choices=("minsnr", "x0clip"), default="x0clip",
+                    help="minsnr: min(snr, gamma)/snr (the T2I run); x0clip: clamp(1/snr, 1, x0_weight_max), i.e. "
+                         "the x0 error at high noise, where the layout is decided and must come from the image")
+    ap.add_argument("--x0-weight-max", type=float, default=50.0)
+    ap.add_argument("--p-high-t", type=float, default=0.5,
+                    help="fraction of samples whose timestep is drawn from [high_t, T) instead of [0, T)")
+    ap.add_argument("--high-t", type=int, default=600)
+    ap.add_argument("--image-lr-mult", type=float, default=10.0,
+                    help="the update of conv_in's (zero-initialised) image channels is scaled by this")
     ap.add_argument("--offset-noise", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=24)
     ap.add_argument("--final-eval-n", type=int, default=96)
     ap.add_argument("--ckpt-minutes", type=float, default=3.0)
@@ -145,7 +163,11 @@ def main(argv=None) -> int:
 
     ac = model.scheduler.alphas_cumprod.to(torch.float32)
     snr = ac / (1 - ac)
-    loss_weight = torch.clamp(snr, max=args.snr_gamma) / snr
+    if args.weighting == "minsnr":
+        loss_weight = torch.clamp(snr, max=args.snr_gamma) / snr
+    else:
+        loss_weight = torch.clamp(1.0 / snr, min=1.0, max=args.x0_weight_max)
+    conv_in = model.unet.conv_in.weight
 
     last_ckpt = time.time()
     t_log = time.time()
@@ -157,6 +179,9 @@ def main(argv=None) -> int:
             g["lr"] = lr
         before, after, ids = make_batch(args.batch, model, gen, args)
         t = torch.randint(0, len(ac), (args.batch,), generator=gen)
+        if args.p_high_t > 0:
+            hi = torch.randint(args.high_t, len(ac), (args.batch,), generator=gen)
+            t = torch.where(torch.rand(args.batch, generator=gen) < args.p_high_t, hi, t)
         noise = torch.randn(after.shape, generator=gen)
         if args.offset_noise > 0:
             noise = noise + args.offset_noise * torch.randn(after.shape[0], after.shape[1], 1, 1, generator=gen)
@@ -169,7 +194,11 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        img_before = conv_in.detach()[:, 3:].clone()
         opt.step()
+        if args.image_lr_mult != 1.0:
+            with torch.no_grad():
+                conv_in[:, 3:] = img_before + args.image_lr_mult * (conv_in[:, 3:] - img_before)
         d = ema_decay(step, args.ema)
         with torch.no_grad():
             torch._foreach_mul_(ema_params, d)
