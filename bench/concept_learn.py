@@ -33,7 +33,7 @@ from _common import ROOT, import_pack
 
 import_pack()
 sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
+import torch
 
 
 def _rss_mb() -> float:

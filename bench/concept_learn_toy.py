@@ -24,10 +24,9 @@ from _common import ROOT, import_pack
 
 import_pack()
 sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
-
-import concept_toy as ct  # noqa: E402
-from photoops.kernels import concept_learn as cl  # noqa: E402
+import concept_toy as ct
+import torch
+from photoops.kernels import concept_learn as cl
 
 
 def main():

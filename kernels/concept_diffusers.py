@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from .attention import AttentionHooks
 from .diffusers_adapter import DiffusersDenoiser
 from .schedule import VPSchedule
 
-__all__ = ["SpliceEmbedding", "HFConceptText", "DiffusersGradDenoiser"]
+__all__ = ["DiffusersGradDenoiser", "HFConceptText", "SpliceEmbedding"]
 
 
 class SpliceEmbedding(torch.nn.Module):

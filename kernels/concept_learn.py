@@ -35,10 +35,10 @@ ComfyUI's.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,25 @@ from .attention import AttentionHook, fold_sequence
 from .schedule import VPSchedule
 
 __all__ = [
-    "ConceptConfig", "ConceptText", "GradDenoiser", "ConceptAttention", "ConceptResult",
-    "validate_names", "stack_images", "parse_presence", "parse_caption", "draw_subset", "subset_prompt", "masked_loss", "attention_loss",
-    "dense_crf", "masks_from_attention", "mask_iou", "e_step", "learn_concepts", "NAME_RE",
+    "NAME_RE",
+    "ConceptAttention",
+    "ConceptConfig",
+    "ConceptResult",
+    "ConceptText",
+    "GradDenoiser",
+    "attention_loss",
+    "dense_crf",
+    "draw_subset",
+    "e_step",
+    "learn_concepts",
+    "mask_iou",
+    "masked_loss",
+    "masks_from_attention",
+    "parse_caption",
+    "parse_presence",
+    "stack_images",
+    "subset_prompt",
+    "validate_names",
 ]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -137,7 +153,7 @@ class ConceptConfig:
 
 
 # ----------------------------------------------------------------------------- inputs
-def validate_names(names: Sequence[str], init_words: Sequence[str], text: Optional[ConceptText] = None) -> None:
+def validate_names(names: Sequence[str], init_words: Sequence[str], text: ConceptText | None = None) -> None:
     """Clear errors for concept names / init words (spec §7.1, §9)."""
     if not names:
         raise ValueError("give at least one concept name")
@@ -368,7 +384,7 @@ def dense_crf(unary: torch.Tensor, image: torch.Tensor, iters: int = 5, smooth=(
     return q.reshape(L, H, W)
 
 
-def masks_from_attention(maps: torch.Tensor, image: Optional[torch.Tensor], cfg: ConceptConfig) -> torch.Tensor:
+def masks_from_attention(maps: torch.Tensor, image: torch.Tensor | None, cfg: ConceptConfig) -> torch.Tensor:
     """Binary masks ``[K', H, W]`` for the present concepts of one image (spec §4 steps 4-7).
 
     ``maps``: ``[K', H, W]`` non-negative attention at mask size.  Labels: the K'
@@ -402,8 +418,8 @@ def _noised(den: GradDenoiser, z: torch.Tensor, t: torch.Tensor, eps: torch.Tens
 
 
 def e_step(den: GradDenoiser, text: ConceptText, rec: ConceptAttention, latents: torch.Tensor,
-           images: Optional[torch.Tensor], vectors: torch.Tensor, presence: torch.Tensor, prev: torch.Tensor,
-           cfg: ConceptConfig, captions: Optional[Sequence] = None) -> tuple:
+           images: torch.Tensor | None, vectors: torch.Tensor, presence: torch.Tensor, prev: torch.Tensor,
+           cfg: ConceptConfig, captions: Sequence | None = None) -> tuple:
     """Re-estimate every mask (spec §4 E-step).  Returns ``(masks [N, K, H, W], info)``.
 
     Before training the vectors are the init words' own rows, so this E-step is the one
@@ -466,11 +482,11 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.Tensor,
-                   images: Optional[torch.Tensor], init_words: Sequence[str], cfg: ConceptConfig,
-                   init_masks: Optional[torch.Tensor] = None, presence: Optional[torch.Tensor] = None,
-                   init_vectors: Optional[torch.Tensor] = None, start_step: int = 0,
-                   progress: Optional[Callable] = None, interrupt: Optional[Callable] = None,
-                   checkpoint: Optional[Callable] = None, captions: Optional[Sequence[str]] = None) -> ConceptResult:
+                   images: torch.Tensor | None, init_words: Sequence[str], cfg: ConceptConfig,
+                   init_masks: torch.Tensor | None = None, presence: torch.Tensor | None = None,
+                   init_vectors: torch.Tensor | None = None, start_step: int = 0,
+                   progress: Callable | None = None, interrupt: Callable | None = None,
+                   checkpoint: Callable | None = None, captions: Sequence[str] | None = None) -> ConceptResult:
     """The EM alternation (spec §4).
 
     ``latents`` ``[N, C, H, W]`` (scaled, model space); ``images`` ``[N, 3, H, W]`` RGB in

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-
 from photoops.kernels import concept_learn as cl
 from photoops.kernels.attention import AttentionHooks
 from photoops.kernels.concept_diffusers import DiffusersGradDenoiser, HFConceptText
@@ -24,8 +23,9 @@ TEMPLATE = "a {fg} {{0}} on a {bg} background"
 
 
 def load(model_dir=None):
-    from tools.toyworld.model import load_model
     import os
+
+    from tools.toyworld.model import load_model
 
     if model_dir is None:
         model_dir = os.path.join(os.path.dirname(__file__), "..", "tools", "toyworld", "model")

@@ -8,18 +8,16 @@ import os
 
 import pytest
 import torch
-
 from comfy_harness import inprocess
 
 inprocess.require("test_comfy_concept_learn")
 
-import comfy.model_management  # noqa: E402
-import folder_paths  # noqa: E402
-
-from photoops.kernels import concept_learn as kcl  # noqa: E402
-from photoops.nodes import comfy_adapter as ca  # noqa: E402
-from photoops.nodes import concept_learn as ncl  # noqa: E402
-from tiny import one_thread  # noqa: E402,F401
+import comfy.model_management
+import folder_paths
+from photoops.kernels import concept_learn as kcl
+from photoops.nodes import comfy_adapter as ca
+from photoops.nodes import concept_learn as ncl
+from tiny import one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """ConceptLearn kernel (spec concept-learning.md §10) on the trained toy model and synthetic inputs."""
 from __future__ import annotations
 
+import concept_toy as ct
 import pytest
 import torch
-
-import concept_toy as ct
 from photoops.kernels import concept_learn as cl
 from tiny import one_thread  # noqa: F401
 
