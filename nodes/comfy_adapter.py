@@ -823,6 +823,31 @@ def load_clip_vision_any(path: str, heads=None, hidden_act=None):
                          f"(missing {list(m)[:3]})")
     return cv
 
+def text_last_hidden_states(clip, text: str) -> torch.Tensor:
+    """``[1, L, D]``: the CLIP-G tower's **last** layer after the final LayerNorm for the real
+    tokens of ``text`` (BOS, word pieces, EOS), as pOps' instruct operator uses them.
+
+    SDXL CLIP objects: the ``g`` part (1280-d); a single-tower CLIP: its only tower.  CLIP
+    text attention is causal, so the first L states do not depend on the padding.
+    """
+    toks = clip.tokenize(text)
+    key = "g" if "g" in toks else ("l" if "l" in toks else next(iter(toks)))
+    if len(toks[key]) != 1:
+        raise ValueError(f"{text!r} is longer than one 77-token chunk; the instruct operator takes one word")
+    ids = [t[0] for t in toks[key][0]]
+    tok = _sub_tokenizer(clip, key)
+    end = getattr(tok, "end_token", None)
+    if end is None or end not in ids:
+        raise ValueError("cannot find the end token in the tokenized text")
+    n = ids.index(end) + 1
+    c = clip.clone()
+    c.clip_layer(-10_000)  # |idx| > number of layers -> ComfyUI's "last" layer (after the final LayerNorm)
+    cond = c.encode_from_tokens(toks)
+    width = cond.shape[-1]
+    if key == "g" and width > 1280:
+        cond = cond[..., width - 1280:]  # SDXL concatenates [clip_l, clip_g]
+    return cond[:, :n].float()
+
 
 # ---- InstructBrush (issue 8) ------------------------------------------------------------
 # InstructPix2Pix models: detection, the eps prediction with the image latent concatenated

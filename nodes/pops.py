@@ -8,6 +8,8 @@
   the ViT-bigG/14 model) -> a CLIP_VISION_OUTPUT whose ``image_embeds`` is the operator's
   result, so operators chain; also the IP-Adapter ``EMBEDS`` pair (positive = the
   result, negative = zeros, the non-plus IPAdapterEncoder format).
+* **pOps Text** — the adjective's text tokens for the *instruct* operator (CLIP-G last
+  layer after the final LayerNorm, real tokens only).
 * **pOps Mean** — the paper's baseline: the mean of the two normalised embeddings.
 * **pOps Revision Conditioning** — positive/negative CONDITIONING that feed an image
   embedding to an SDXL-family MODEL through its unCLIP ("revision") input, with an
@@ -30,6 +32,7 @@ from . import comfy_adapter as ca
 FOLDER = "pops"
 OPERATOR = io.Custom("PHOTOOPS_POPS_OPERATOR")
 EMBEDS = io.Custom("EMBEDS")  # ComfyUI_IPAdapter_plus: a [B, D] image-embedding tensor
+TEXT = io.Custom("PHOTOOPS_POPS_TEXT")
 IN_FILE = "(in the operator file)"
 BINARY = ("texturing", "scene", "union")
 
@@ -138,6 +141,9 @@ class OperatorApplyNode(io.ComfyNode):
                                  tooltip="Drop input A (a zero token in normalised space = the mean embedding) to "
                                          "sample completions from B alone."),
                 io.Boolean.Input("drop_b", default=False, tooltip="Drop input B (see drop_a)."),
+                TEXT.Input("text", optional=True,
+                           tooltip="instruct operator: the adjective's text tokens from pOps Text (one word, "
+                                   "e.g. 'shiny'). They fill the slots after input A."),
             ],
             outputs=[
                 io.ClipVisionOutput.Output(display_name="clip_vision_output",
@@ -150,18 +156,25 @@ class OperatorApplyNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, operator: PopsOperator, input_a, steps, guidance, seed, drop_a, drop_b,
-                input_b=None) -> io.NodeOutput:
+                input_b=None, text=None) -> io.NodeOutput:
         d = operator.config.embedding_dim
         ea = _embeds(input_a, "input_a", d)
         eb = _embeds(input_b, "input_b", d) if input_b is not None else None
-        if operator.name == "instruct":
-            raise ValueError("the instruct operator needs text tokens of the adjective, which this node does not "
-                             "provide yet; use texturing, scene or union")
+        if operator.name == "instruct" and text is None:
+            raise ValueError("the instruct operator needs the adjective's text tokens: connect pOps Text")
+        if text is not None and eb is not None:
+            raise ValueError("give either input_b (binary operators) or text (instruct), not both")
+        if text is not None:
+            text = kp.check_width("text", text[0], d)[None] if text.ndim == 3 else kp.check_width("text", text, d)
         ea, eb = _broadcast([ea, eb], ["input_a", "input_b"])
         a = kp.normalize(ea, operator.mean, operator.std)
         b = kp.normalize(eb, operator.mean, operator.std) if eb is not None else None
-        slots = [a, b] if (b is not None or operator.name in BINARY) else [a]
-        H, H_neg, M = kp.build_condition(slots, operator.config.num_embeddings, dropped=[drop_a, drop_b])
+        if text is not None:
+            slots, tt = [a], text.float().cpu().expand(a.shape[0], -1, -1)
+        else:
+            slots, tt = ([a, b] if (b is not None or operator.name in BINARY) else [a]), None
+        H, H_neg, M = kp.build_condition(slots, operator.config.num_embeddings, text_tokens=tt,
+                                         dropped=[drop_a, drop_b])
         w = operator.default_guidance if guidance < 0 else float(guidance)
         pbar = ca.progress_bar(steps)
 
@@ -175,6 +188,31 @@ class OperatorApplyNode(io.ComfyNode):
         out = out.to(ca.intermediate_device())
         cvo = ca.make_clip_vision_output(out, pops_operator=operator.name)
         return io.NodeOutput(cvo, out, torch.zeros_like(out))
+
+
+class PopsTextNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PhotoOps_PopsText",
+            display_name="pOps Text (instruct)",
+            category="PhotoOps/pops",
+            description="The text tokens of one adjective for the instruct operator: the CLIP ViT-bigG text tower's "
+                        "last layer after the final LayerNorm, for the word's real tokens (BOS, word, EOS). With an "
+                        "SDXL CLIP its clip_g part is used; that it equals the Kandinsky 2.2 prior's text encoder is "
+                        "assumed (same OpenCLIP bigG model), not verified.",
+            inputs=[io.Clip.Input("clip", tooltip="An SDXL CLIP (its clip_g tower is used)."),
+                    io.String.Input("word", default="shiny",
+                                    tooltip="One adjective (the operator was trained on single words), e.g. shiny, "
+                                            "aged, wooden.")],
+            outputs=[TEXT.Output(display_name="text", tooltip="For Operator Apply's text input (instruct).")],
+        )
+
+    @classmethod
+    def execute(cls, clip, word) -> io.NodeOutput:
+        if not word or not word.strip():
+            raise ValueError("the word is empty")
+        return io.NodeOutput(ca.text_last_hidden_states(clip, word.strip()).cpu())
 
 
 class PopsMeanNode(io.ComfyNode):
@@ -265,7 +303,7 @@ class CLIPVisionLoaderAnyNode(io.ComfyNode):
         return io.NodeOutput(ca.load_clip_vision_any(ca.folder_file_path("clip_vision", clip_name)))
 
 
-NODES = [PopsOperatorLoaderNode, OperatorApplyNode, PopsMeanNode, PopsRevisionConditioningNode,
+NODES = [PopsOperatorLoaderNode, OperatorApplyNode, PopsTextNode, PopsMeanNode, PopsRevisionConditioningNode,
          CLIPVisionLoaderAnyNode]
 
 __all__ = ["NODES", "PopsOperator"]

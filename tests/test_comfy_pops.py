@@ -40,6 +40,13 @@ def env(tmp_path_factory):
     return {"files": files, "op": op, "cv": cv, "a": a, "b": b}
 
 
+@pytest.fixture(scope="module")
+def sd15():
+    """(model, clip, info) of the SD1.5-format fixture checkpoint, loaded once."""
+    model, clip, _, info = inprocess.load_fixture()
+    return model, clip, info
+
+
 def _apply(env, a=None, b=None, **kw):
     args = {"steps": 6, "guidance": -1.0, "seed": 42, "drop_a": False, "drop_b": False}
     args.update(kw)
@@ -139,8 +146,8 @@ def test_revision_conditioning_feeds_sdxl_pooled_input(env):
     assert torch.isfinite(s1).all() and not torch.allclose(s1, s2)
 
 
-def test_revision_conditioning_refuses_sd15(env):
-    model, _, _, _ = inprocess.load_fixture()
+def test_revision_conditioning_refuses_sd15(env, sd15):
+    model = sd15[0]
     from photoops.kernels.protocol import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="SDXL"):
@@ -156,3 +163,57 @@ def test_mean_baseline(env):
     assert torch.equal(emb, cvo.image_embeds)
     torch.testing.assert_close(npops.PopsMeanNode.execute(op, env["a"], env["b"], 0.0).result[0].image_embeds,
                                env["a"].image_embeds.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_pops_text_is_the_last_layer_after_final_layernorm(env, sd15):
+    """pOps Text = last_hidden_state (not the penultimate layer) of the real tokens; checked against
+    transformers' CLIPTextModel with the fixture checkpoint's (fp16-stored) text-encoder weights."""
+    from comfy_harness import fixtures
+
+    _, clip, info = sd15
+    got = npops.PopsTextNode.execute(clip, "shiny").result[0]
+    ids = [t[0] for t in clip.tokenize("shiny")["l"][0]]
+    n = ids.index(49407) + 1
+    assert got.shape == (1, n, 768) and n >= 3
+    hf = fixtures.build_clip_text_model(info["seed"]).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.half().float())
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
+    want, penult = out.last_hidden_state[:, :n], out.hidden_states[-2][:, :n]
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 2e-2 * scale
+    assert (got - penult).abs().max() > 0.1 * scale
+    # causal attention: the padding after EOS does not matter
+    assert torch.equal(got, npops.PopsTextNode.execute(clip, "shiny ").result[0])
+
+
+def test_instruct_operator_takes_text_tokens(env, sd15, tmp_path):
+    from safetensors.torch import save_file
+
+    clip = sd15[1]
+    cfg = kp.PriorConfig(num_attention_heads=1, attention_head_dim=64, num_layers=1, embedding_dim=768)
+    torch.manual_seed(0)
+    m = kp.OperatorPrior(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    (tmp_path / "instruct").mkdir()
+    torch.save(m.state_dict(), tmp_path / "instruct" / "learned_prior.pth")
+    save_file({"clip_mean": torch.zeros(1, 768), "clip_std": torch.ones(1, 768)}, tmp_path / "stats768.safetensors")
+    folder_paths.add_model_folder_path(npops.FOLDER, str(tmp_path))
+    op = npops.PopsOperatorLoaderNode.execute("instruct/learned_prior.pth", "stats768.safetensors", "fp32").result[0]
+    assert op.name == "instruct" and op.default_guidance == 1.0
+    a = ca.make_clip_vision_output(torch.randn(1, 768))
+    shiny = npops.PopsTextNode.execute(clip, "shiny").result[0]
+    aged = npops.PopsTextNode.execute(clip, "aged").result[0]
+    run = lambda t, **kw: npops.OperatorApplyNode.execute(op, a, steps=4, guidance=-1.0, seed=0, drop_a=False,
+                                                          drop_b=False, text=t, **kw).result[0].image_embeds
+    o1 = run(shiny)
+    assert o1.shape == (1, 768) and not torch.equal(o1, run(aged))
+    with pytest.raises(ValueError, match="pOps Text"):
+        run(None)
+    with pytest.raises(ValueError, match="not both"):
+        run(shiny, input_b=a)
+    with pytest.raises(kp.EmbeddingWidthError, match="text is a 1280-d"):
+        run(torch.randn(1, 3, 1280))
