@@ -61,6 +61,7 @@ __all__ = [
     "mask_iou",
     "masked_loss",
     "masks_from_attention",
+    "otsu_threshold",
     "parse_caption",
     "parse_presence",
     "stack_images",
@@ -384,19 +385,39 @@ def dense_crf(unary: torch.Tensor, image: torch.Tensor, iters: int = 5, smooth=(
     return q.reshape(L, H, W)
 
 
-def masks_from_attention(maps: torch.Tensor, image: torch.Tensor | None, cfg: ConceptConfig) -> torch.Tensor:
-    """Binary masks ``[K', H, W]`` for the present concepts of one image (spec §4 steps 4-7).
-
-    ``maps``: ``[K', H, W]`` non-negative attention at mask size.  Labels: the K'
-    concepts plus, if ``cfg.unassigned``, an unassigned label of score ``tau_bg``.
-    """
+def _minmax(maps: torch.Tensor) -> torch.Tensor:
     a = maps.float()
     lo = a.flatten(1).amin(1).view(-1, 1, 1)
     hi = a.flatten(1).amax(1).view(-1, 1, 1)
-    a = (a - lo) / (hi - lo).clamp_min(1e-12)
+    return (a - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1] (maximum between-class variance over a histogram)."""
+    v = values.flatten().float().clamp(0, 1)
+    hist = torch.histc(v, bins=bins, min=0.0, max=1.0).double()
+    p = hist / hist.sum().clamp_min(1)
+    centers = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    w0 = p.cumsum(0)
+    mu = (p * centers).cumsum(0)
+    w1 = 1 - w0
+    between = (mu[-1] * w0 - mu) ** 2 / (w0 * w1).clamp_min(1e-12)
+    between[(w0 <= 0) | (w1 <= 0)] = -1
+    return float((int(between.argmax()) + 1) / bins)
+
+
+def masks_from_attention(maps: torch.Tensor, image: torch.Tensor | None, cfg: ConceptConfig,
+                         tau: float | None = None) -> torch.Tensor:
+    """Binary masks ``[K', H, W]`` for the present concepts of one image (spec §4 steps 4-7).
+
+    ``maps``: ``[K', H, W]`` non-negative attention at mask size.  Labels: the K'
+    concepts plus, if ``cfg.unassigned``, an unassigned label of score ``tau`` (default
+    ``cfg.tau_bg``).
+    """
+    a = _minmax(maps)
     scores = a
     if cfg.unassigned:
-        scores = torch.cat([a, torch.full_like(a[:1], cfg.tau_bg)])
+        scores = torch.cat([a, torch.full_like(a[:1], cfg.tau_bg if tau is None else tau)])
     probs = torch.softmax(scores / cfg.temperature, 0)
     if cfg.use_crf and image is not None:
         probs = dense_crf(probs, image, cfg.crf_iters, cfg.crf_smooth, cfg.crf_appearance)
@@ -426,7 +447,9 @@ def e_step(den: GradDenoiser, text: ConceptText, rec: ConceptAttention, latents:
     "with the prompt built from the init words" (spec §4 init 3b; splicing a word's row
     equals prompting the word, §10.7).  Guards (step 8, [D]): if any present concept's new
     mask covers < ``area_min`` or > ``area_max`` of the image while the image has more
-    than one label, the image keeps all its previous masks (so they stay a partition).
+    than one label, the labelling is retried once with the unassigned score at Otsu's
+    threshold (if that label exists), and if it still fails the image keeps all its
+    previous masks (so they stay a partition).
     """
     N, K = presence.shape
     H, W = latents.shape[-2:]
@@ -434,7 +457,7 @@ def e_step(den: GradDenoiser, text: ConceptText, rec: ConceptAttention, latents:
     ts = torch.tensor([min(T - 1, round(t * T / 1000)) for t in cfg.estep_timesteps])
     g = torch.Generator().manual_seed(int(cfg.estep_seed))
     new = prev.clone()
-    info = {"kept_previous": [], "iou_prev": []}
+    info = {"kept_previous": [], "iou_prev": [], "adaptive_tau": []}
     for n in range(N):
         present = [k for k in range(K) if presence[n, k]]
         parts = captions[n] if captions is not None else subset_prompt(present)
@@ -450,10 +473,24 @@ def e_step(den: GradDenoiser, text: ConceptText, rec: ConceptAttention, latents:
         rec.start({}, keep_grad=False)
         a = torch.stack([maps[k].mean(0) for k in present])                  # mean over timesteps
         a = F.interpolate(a[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-        m = masks_from_attention(a, images[n] if images is not None else None, cfg)
+        img = images[n] if images is not None else None
+        m = masks_from_attention(a, img, cfg)
         labels = len(present) + (1 if cfg.unassigned else 0)
-        area = m.flatten(1).mean(1)
-        bad = labels > 1 and bool(((area < cfg.area_min) | (area > cfg.area_max)).any())
+
+        def failed(mm):
+            area = mm.flatten(1).mean(1)
+            return labels > 1 and bool(((area < cfg.area_min) | (area > cfg.area_max)).any())
+
+        bad = failed(m)
+        if bad and cfg.unassigned:
+            # [D] before keeping the previous masks: flat maps (e.g. a token that attends
+            # everywhere a little) put every pixel above the fixed tau_bg; retry once with
+            # the unassigned score at Otsu's threshold of the normalised maps.
+            tau = otsu_threshold(_minmax(a))
+            m = masks_from_attention(a, img, cfg, tau=tau)
+            bad = failed(m)
+            if not bad:
+                info["adaptive_tau"].append((n, tau))
         if bad:
             info["kept_previous"].append(n)
         else:

@@ -168,6 +168,20 @@ def test_dense_crf_cleans_noisy_unaries_on_a_two_colour_image():
     assert cl.mask_iou(crf, truth) > 0.95
 
 
+def test_otsu_threshold_splits_a_bimodal_map_and_masks_follow_it():
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat([0.55 + 0.05 * torch.rand(300, generator=g), 0.9 + 0.05 * torch.rand(100, generator=g)])
+    t = cl.otsu_threshold(v)
+    assert 0.6 <= t <= 0.9
+    a = torch.zeros(1, 8, 8) + 0.6
+    a[:, 2:5, 2:5] = 1.0
+    a[:, 0, 0] = 0.0                                # min-max: background 0.6, object 1.0
+    cfg = cl.ConceptConfig(use_crf=False)
+    assert cl.masks_from_attention(a, None, cfg).sum() == 63          # fixed tau_bg 0.35: all but one pixel
+    m = cl.masks_from_attention(a, None, cfg, tau=cl.otsu_threshold(a))
+    assert m.sum() == 9 and m[0, 2:5, 2:5].all()
+
+
 def test_area_guard_keeps_previous_masks(toy, tri):
     tm, den, text, hooks = toy
     _, imgs, caps, _ = tri
