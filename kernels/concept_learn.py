@@ -301,7 +301,8 @@ class ConceptAttention(AttentionHook):
         self.positions: dict = {}
         self.keep_grad = False
         self._sums: dict = {}
-        self._chosen: dict = {}      # latent hw -> set of factors used
+        self._chosen: dict = {}      # latent hw -> factors used, learnt from the first full call
+        self._hw = None
 
     def start(self, positions: dict, keep_grad: bool) -> None:
         self.positions = {int(k): list(v) for k, v in positions.items()}
@@ -314,6 +315,10 @@ class ConceptAttention(AttentionHook):
     def record(self, probs, layer, call) -> None:
         h, w = fold_sequence(probs.queries, call.latent_hw)
         factor = -(-int(call.latent_hw[0]) // h)
+        hw = tuple(int(v) for v in call.latent_hw)
+        if hw in self._chosen and factor not in self._chosen[hw]:
+            return                       # layout known: skip unused layers before any softmax
+        self._hw = hw
         rows = call.rows_of(0)
         p = probs.rows(rows)                                          # [R, heads, L, T] float32
         if not self.keep_grad:
@@ -335,6 +340,7 @@ class ConceptAttention(AttentionHook):
         chosen = [f for f in factors if f in self.factors]
         if not chosen:
             chosen = [max(factors)]
+        self._chosen.setdefault(self._hw, set(chosen))
         out = {}
         for k in self.positions:
             parts = [self._sums[(f, k)] for f in chosen if (f, k) in self._sums]
