@@ -32,8 +32,8 @@ from photoops.kernels import eta as keta  # noqa: E402
 from photoops.kernels import maps as kmaps  # noqa: E402
 from photoops.kernels.attention import AttentionHooks, TokenMapRecorder  # noqa: E402
 from photoops.kernels.diffusers_adapter import DiffusersDenoiser  # noqa: E402
-from photoops.kernels.inversion import (ddim_invert, ddpm_invert, eta_inversion_noises,  # noqa: E402
-                                        replay_sample)
+from photoops.kernels.inversion import (ddim_invert, ddpm_invert, dpmpp_2m_sde_invert,  # noqa: E402
+                                        eta_inversion_noises, replay_dpmpp_2m_sde, replay_sample)
 from photoops.kernels.schedule import VPSchedule  # noqa: E402
 
 # colour swaps with exact ground truth (fg palette: red, green, blue, yellow)
@@ -118,6 +118,17 @@ def run(args):
 
     g_src, g_tgt = td.guided(src_caps, args.src_cfg), td.guided(tgt_caps, args.cfg)
     t0 = time.perf_counter()
+    if args.semantic_only:
+        x_start, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
+        dpm = dpm_inversion(g_src, x0, sig, skip, args.seed)
+        for scale in args.edit_scale:
+            for mode in ("sega", "ledits++", "ledits++ dpm"):
+                out = semantic_edit(model, mode.split()[0], src_caps, scenes, tgt_scenes, lad, zs, sig, skip, args,
+                                    scale, dpm=dpm if mode.endswith("dpm") else None)
+                score_edit(f"{SEMANTIC_NAMES[mode]} (scale {scale:g}, threshold "
+                           f"{args.edit_threshold:g}, concepts as {args.concepts}, skip {skip})", out, None)
+        return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
+                      "seconds": round(time.perf_counter() - t0, 1)}
     # 1. DDIM inversion, deterministic replay
     ladder = ddim_invert(g_src, x0, sig)
     recon = replay_sample(g_src, ladder[-1], sig, eta=0.0)
@@ -148,30 +159,61 @@ def run(args):
     eta_rows(", region top 25 %", kmaps.binarize(region[:, 0], "quantile", 0.75)[:, None])
     # 4. LEDITS (DDPM inversion + SEGA) and LEDITS++ (implicit masks): concepts "<old colour> <shape>"
     #    removed and "<new colour> <shape>" added (testing-offline.md §7.6), source prompt kept as target
-    for mode in ("sega", "ledits++"):
-        out = semantic_edit(model, mode, src_caps, scenes, tgt_scenes, lad, zs, sig, skip, args)
-        score_edit(f"{'LEDITS' if mode == 'sega' else 'LEDITS++'} (DDPM inversion, skip {skip})", out, None)
+    dpm = dpm_inversion(g_src, x0, sig, skip, args.seed)
+    recon = replay_dpmpp_2m_sde(g_src, dpm[0], sig[skip:], noises=dpm[1])
+    rows.append({"method": f"LEDITS++ inversion (SDE DPM-Solver++ 2M over the last {len(sig) - 1 - skip} steps), "
+                           "source replay", "recon_psnr": float(psnr(recon, src).mean()), "edit_success": None,
+                 "bg_psnr": float(psnr(recon, src, bg).mean()), "edit_psnr_vs_truth": float(psnr(recon, tgt).mean())})
+    for scale in args.edit_scale:
+        for mode in ("sega", "ledits++", "ledits++ dpm"):
+            out = semantic_edit(model, mode.split()[0], src_caps, scenes, tgt_scenes, lad, zs, sig, skip, args, scale,
+                                dpm=dpm if mode.endswith("dpm") else None)
+            score_edit(f"{SEMANTIC_NAMES[mode]}, concepts as {args.concepts}, scale {scale:g}, skip {skip}", out, None)
     seconds = time.perf_counter() - t0
     return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
                   "seconds": round(seconds, 1)}
 
 
-def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, skip, args):
-    """Replay the DDPM inversion with SEGA (momentum 0.3/0.6, LEDITS demo) or LEDITS++ guidance."""
+SEMANTIC_NAMES = {"sega": "LEDITS (DDPM inversion + SEGA)", "ledits++": "LEDITS++ masks on the DDPM inversion",
+                  "ledits++ dpm": "LEDITS++ (its DPM-Solver++ 2M SDE inversion + masks)"}
+
+
+def dpm_inversion(g_src, x0, sig, skip, seed):
+    """LEDITS++ inversion of the replayed steps only (the 2M history starts there)."""
+    x_start, zs, _ = dpmpp_2m_sde_invert(g_src, x0, sig[skip:], generator=torch.Generator().manual_seed(seed))
+    return x_start, zs
+
+
+def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, skip, args, scale, dpm=None):
+    """Replay the DDPM inversion with SEGA (momentum 0.3/0.6, LEDITS demo) or LEDITS++ guidance.
+
+    Concepts (``--concepts``): ``words`` = "<old colour> <shape>" removed and "<new colour>
+    <shape>" added (testing-offline.md §7.6); ``captions`` = the whole source caption removed
+    and the whole target caption added (the toy model saw only whole captions in training).
+    The attention maps of LEDITS++ use the concept's colour word.  ``dpm = (x_start, zs)``: replay
+    a LEDITS++ inversion (SDE DPM-Solver++ 2M over ``sig[skip:]``) instead of the DDPM one.
+    """
     from photoops.kernels import sega as ksega
 
     tok = model.tokenizer
     hooks = AttentionHooks()
     td = ToyDenoiser(model, hooks=hooks)
-    old = [f"{s.fg} {s.shape}" for s in scenes]
-    new = [f"{t.fg} {t.shape}" for t in tgt_scenes]
+    if args.concepts == "words":
+        old = [f"{s.fg} {s.shape}" for s in scenes]
+        new = [f"{t.fg} {t.shape}" for t in tgt_scenes]
+        positions = [1]                                   # the colour word
+    else:
+        old = [f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes]
+        new = [f"a {t.fg} {t.shape} on a {t.bg} background" for t in tgt_scenes]
+        positions = [2]
+    for o, nw, s in zip(old, new, scenes):             # the colour word sits at the same place in every prompt
+        assert tok(o)["input_ids"][positions[0]] == tok(s.fg)["input_ids"][1], (o, s.fg)
     c_old, c_new = model.encode_prompts(old), model.encode_prompts(new)
     cond = model.encode_prompts(src_caps)
-    n_tok = len(tok(old[0])["input_ids"]) - 2
-    recs = [hooks.add(TokenMapRecorder(list(range(1, n_tok + 1)), tok.model_max_length, cond_index=2 + i,
-                                       layers="lowres")) for i in range(2)]
-    concepts = [ksega.EditConcept(scale=args.edit_scale, reverse=True, threshold=0.9, warmup=1),
-                ksega.EditConcept(scale=args.edit_scale, threshold=0.9, warmup=1)]
+    recs = [hooks.add(TokenMapRecorder(positions, tok.model_max_length, cond_index=2 + i, layers="lowres"))
+            for i in range(2)]
+    concepts = [ksega.EditConcept(scale=scale, reverse=True, threshold=args.edit_threshold, warmup=args.edit_warmup),
+                ksega.EditConcept(scale=scale, threshold=args.edit_threshold, warmup=args.edit_warmup)]
     sg = ksega.SemanticGuidance(concepts, momentum_scale=0.3, momentum_beta=0.6)
     state = {"step": 0}
 
@@ -192,6 +234,8 @@ def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, sk
         return x - sv * e_hat
 
     n = len(sig) - 1
+    if dpm is not None:
+        return replay_dpmpp_2m_sde(guided, dpm[0], sig[skip:], noises=dpm[1])
     return replay_sample(guided, ladder[n - skip], sig[skip:], noises=zs, start=skip)
 
 
@@ -231,7 +275,12 @@ def main():
     ap.add_argument("--cfg", type=float, default=3.0, help="target CFG when editing")
     ap.add_argument("--src-cfg", type=float, default=1.0, help="source CFG during inversion and reconstruction")
     ap.add_argument("--seed", type=int, default=123)
-    ap.add_argument("--edit-scale", type=float, default=5.0, help="SEGA / LEDITS++ concept scale")
+    ap.add_argument("--edit-scale", type=float, nargs="+", default=[5.0, 10.0], help="SEGA / LEDITS++ concept scale(s)")
+    ap.add_argument("--edit-threshold", type=float, default=0.9, help="SEGA / LEDITS++ threshold (percentile)")
+    ap.add_argument("--edit-warmup", type=int, default=1, help="SEGA / LEDITS++ warm-up steps")
+    ap.add_argument("--concepts", choices=("words", "captions"), default="captions",
+                    help="concept prompts: '<colour> <shape>' or whole captions")
+    ap.add_argument("--semantic-only", action="store_true", help="only the LEDITS / LEDITS++ rows (for sweeps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the table here")
     a = ap.parse_args()
@@ -245,7 +294,8 @@ def main():
     for r in rows:
         rp = "—" if r["recon_psnr"] is None else f"{r['recon_psnr']:.1f}"
         extra = f" (mask {100 * r['mask_fraction']:.0f} % of pixels)" if "mask_fraction" in r else ""
-        print(f"| {r['method']}{extra} | {rp} | {100 * r['edit_success']:.0f} % | {r['bg_psnr']:.1f} | "
+        es = "—" if r["edit_success"] is None else f"{100 * r['edit_success']:.0f} %"
+        print(f"| {r['method']}{extra} | {rp} | {es} | {r['bg_psnr']:.1f} | "
               f"{r['edit_psnr_vs_truth']:.1f} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

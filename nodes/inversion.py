@@ -33,21 +33,34 @@ FOLDER = "photoops_inversions"
 
 
 def _prepare_sigmas(model, sigmas: torch.Tensor) -> tuple:
-    """Validate SIGMAS; a final 0 becomes the model's smallest sigma (exact replay needs s_final > 0)."""
+    """Validate SIGMAS; a final 0 is made invertible (exact replay needs s_final > 0).
+
+    Returns ``(sigmas, info)``.  A final 0 becomes the model's smallest sigma
+    (``final_zero_replaced``), unless the schedule already ends at that minimum before the
+    0 (ComfyUI's ``normal``, ``karras`` ... put sigma_min there, rounded to float32): the
+    replacement would be a step of one float32 ulp, whose noise map divides by ~0 and whose
+    DPM-Solver step size is rounding noise; the final 0 is then dropped instead
+    (``final_zero_dropped``, the replay drops it too).  Our choice; the papers sample on
+    their own timestep lists.
+    """
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
     if s.numel() < 2:
         raise ValueError("SIGMAS must hold at least two values (one step)")
-    replaced = False
+    info = {"final_zero_replaced": False, "final_zero_dropped": False}
     if s[-1] == 0:
         s_min = float(ca.vp_schedule(model).sigma_min)
-        if s.numel() > 2 and s[-2] <= s_min:
-            raise ValueError("the last non-zero sigma is already at the model's minimum; drop the final 0")
-        s = s.clone()
-        s[-1] = s_min
-        replaced = True
+        if s.numel() > 2 and s[-2] <= s_min * (1 + 1e-4):
+            s = s[:-1].clone()
+            info["final_zero_dropped"] = True
+        elif s.numel() == 2 and s[0] <= s_min * (1 + 1e-4):
+            raise ValueError("a single step from the model's smallest sigma to 0 cannot be inverted")
+        else:
+            s = s.clone()
+            s[-1] = s_min
+            info["final_zero_replaced"] = True
     if not torch.all(s[:-1] > s[1:]):
         raise ValueError(f"SIGMAS must be strictly decreasing (a sampling schedule), got {s.tolist()[:6]}...")
-    return s, replaced
+    return s, info
 
 
 def _region_mask(capture, latent_hw, threshold: float, mode: str = "threshold") -> torch.Tensor:
@@ -83,11 +96,14 @@ class InvertNode(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="Negative / unconditional prompt, used when source_cfg != 1."),
                 io.Latent.Input("latent", tooltip="The photo encoded with VAE Encode."),
                 io.Sigmas.Input("sigmas", tooltip="The sampling schedule (e.g. BasicScheduler). Replay with the same "
-                                                  "SIGMAS. A final 0 is replaced by the model's smallest sigma so the "
+                                                  "SIGMAS. A final 0 is replaced by the model's smallest sigma (or dropped "
+                                                  "if the schedule already reaches it) so the "
                                                   "last step can be inverted exactly."),
-                io.Combo.Input("method", options=["ddpm", "eta", "ddim"], default="ddpm",
-                               tooltip="ddpm: edit-friendly DDPM inversion (exact, stores noise maps). eta: Eta "
-                                       "Inversion (time/region-dependent eta). ddim: deterministic DDIM inversion."),
+                io.Combo.Input("method", options=["ddpm", "eta", "ddim", "dpmpp_2m_sde"], default="ddpm",
+                               tooltip="ddpm: edit-friendly DDPM inversion (exact, stores noise maps; LEDITS). eta: "
+                                       "Eta Inversion (time/region-dependent eta). ddim: deterministic DDIM inversion. "
+                                       "dpmpp_2m_sde: the LEDITS++ inversion (SDE DPM-Solver++ 2M, exact, fewer "
+                                       "steps; only the steps after skip are inverted)."),
                 io.Int.Input("skip", default=0, min=0, max=1000,
                              tooltip="Steps to skip at the start of replay (DDPM paper: 36 of 100). More skip keeps "
                                      "more of the photo's structure."),
@@ -132,12 +148,14 @@ class InvertNode(io.ComfyNode):
         ca.ensure_supported(model)
         samples = latent["samples"]
         ca.check_latent(model, samples)
-        s, replaced = _prepare_sigmas(model, sigmas)
+        s, zero_info = _prepare_sigmas(model, sigmas)
         n = s.numel() - 1
         if not 0 <= skip < n:
             raise ValueError(f"skip ({skip}) must be smaller than the number of steps ({n})")
         if region is not None and method != "eta":
             raise ValueError("a region capture only applies to the eta method")
+        if method == "dpmpp_2m_sde" and eta_schedule is not None:
+            raise ValueError("an Eta Schedule applies to the ddpm and eta methods, not to dpmpp_2m_sde (eta 1)")
         if method == "eta" and region is not None and eta_schedule is not None and eta_schedule.get("mask") is not None:
             raise ValueError("give either a region capture or an Eta Schedule mask, not both")
         schedule = ca.vp_schedule(model)
@@ -149,6 +167,14 @@ class InvertNode(io.ComfyNode):
 
         def work(denoise, x, sig):
             x = x.float()
+            if method == "dpmpp_2m_sde":
+                # LEDITS++: the 2M history restarts with each run, so only the replayed steps
+                # are inverted (DDPM §4.2); the skipped steps keep zero maps (never used).
+                x_start, z, ladder = kinv.dpmpp_2m_sde_invert(denoise, x, sig[skip:], generator=gen, callback=tick,
+                                                              interrupt=ca.interrupt_check)
+                noises = z.new_zeros((n, *z.shape[1:]))
+                noises[skip:] = z
+                return (x_start, noises, torch.ones(n)), x_start
             if method == "ddpm":
                 eta = 1.0
                 if eta_schedule is not None:
@@ -184,7 +210,7 @@ class InvertNode(io.ComfyNode):
                         noises=None if noises is None else noises.float().cpu(),
                         eta=etas.float().cpu() if etas is not None else None, source_cfg=float(source_cfg),
                         seed=int(seed), fingerprint=ca.fingerprint(model), source=source,
-                        info={"final_zero_replaced": replaced, "candidates": int(candidates),
+                        info={**zero_info, "candidates": int(candidates),
                               "store_optimal_noise": bool(store_optimal_noise)})
         return io.NodeOutput(inv, {"samples": out})
 
@@ -193,7 +219,9 @@ def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     """k-diffusion sampler function: replay ``inversion`` (see InversionSamplerNode)."""
     inv: Inversion = inversion
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-    if inv.info.get("final_zero_replaced") and s.numel() and s[-1] == 0:
+    if inv.info.get("final_zero_dropped") and s.numel() and s[-1] == 0:
+        s = s[:-1]
+    elif inv.info.get("final_zero_replaced") and s.numel() and s[-1] == 0:
         s = s.clone()
         s[-1] = inv.sigmas[-1]
     full = inv.steps + 1
@@ -213,6 +241,9 @@ def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     x0 = inv.x_start.to(device=x.device, dtype=x.dtype)
     noises = None if inv.noises is None else inv.noises.to(device=x.device, dtype=x.dtype)
     eta = inv.eta.to(device=x.device) if inv.eta is not None else 0.0
+    if inv.method == "dpmpp_2m_sde":
+        return kinv.replay_dpmpp_2m_sde(model, x0, run, extra_args=extra_args, callback=callback, disable=disable,
+                                        noises=noises, start=start)
     return kinv.replay_sample(model, x0, run, extra_args=extra_args, callback=callback, disable=disable,
                               noises=noises, eta=eta, start=start)
 

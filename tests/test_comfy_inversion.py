@@ -47,8 +47,13 @@ def _replay(env, inv, positive, cfg=1.0, sigmas=None, latent=None, model=None):
     guider.set_cfg(cfg)
     sampler = ninv.InversionSamplerNode.execute(inv).result[0]
     lat = latent if latent is not None else env["latent"]["samples"]
-    sig = sigmas if sigmas is not None else _sigmas(model, inv.steps)
+    sig = sigmas if sigmas is not None else _sigmas(model, _user_steps(inv))
     return guider.sample(torch.zeros_like(lat), lat, sampler, sig, disable_pbar=True, seed=0)
+
+
+def _user_steps(inv):
+    """Steps of the SIGMAS the user gave Invert (a final 0 after sigma_min is dropped there)."""
+    return inv.steps + int(bool(inv.info.get("final_zero_dropped")))
 
 
 def _rel(a, b):
@@ -58,7 +63,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("cfg", [1.0, 3.5])
 def test_ddpm_replay_reconstructs_exactly(env, cfg):
     inv, start = _invert(env, "ddpm", cfg=cfg)
-    assert inv.noises.shape == (8, 1, 4, 8, 8) and start["samples"].shape == (1, 4, 8, 8)
+    # "normal" ends [..., sigma_min, 0]: the final 0 is dropped (7 invertible steps)
+    assert inv.info["final_zero_dropped"] and not inv.info["final_zero_replaced"]
+    assert inv.noises.shape == (7, 1, 4, 8, 8) and start["samples"].shape == (1, 4, 8, 8)
     out = _replay(env, inv, env["pos"], cfg=cfg)
     assert _rel(out, env["latent"]["samples"]) < 1e-4
     # with skip, from the stored rung
@@ -99,7 +106,7 @@ def test_eta_region_from_attention_capture(env):
     inv = run(thr)
     expected = (a > thr).float()
     assert 0 < float(expected.mean()) < 1
-    assert inv.eta.shape == (8, 1, 1, 8, 8)
+    assert inv.eta.shape == (7, 1, 1, 8, 8)
     per_step = inv.eta.flatten(1).amax(1)
     assert float(per_step.max()) > 0 and float(per_step.min()) == 0.0      # paper_A is 0 late in sampling
     # eta = M * eta(t): 0 outside the capture's mask at every step, eta(t) inside
@@ -159,7 +166,7 @@ def test_interrupt_leaves_nothing_and_model_untouched(env, monkeypatch):
     monkeypatch.undo()
     assert repr(env["model"].model_options) == before
     inv, _ = _invert(env, "ddpm")     # works again afterwards
-    assert inv.steps == 8
+    assert inv.steps == 7
 
 
 def test_save_and_load_nodes(env, tmp_path, monkeypatch):
@@ -195,3 +202,47 @@ def test_v_prediction_model_reconstructs(env):
     eps_inv, _ = _invert(env, "ddpm")
     with pytest.raises(InversionMismatchError, match="model mismatch \\(prediction\\)"):
         _replay(venv, eps_inv, env["pos"])
+
+
+@pytest.mark.parametrize("cfg,skip", [(1.0, 0), (3.5, 3)])
+def test_ledits_pp_dpm_inversion_reconstructs_and_is_comfys_sampler(env, cfg, skip):
+    """LEDITS++ inversion (dpmpp_2m_sde) through ComfyUI: replay reconstructs the photo (< 1e-4,
+    as the DDPM test), and our replay equals ComfyUI's own ``dpmpp_2m_sde`` sampler fed the
+    stored noise maps through its ``noise_sampler`` (same maths, float32 rounding: 1e-5)."""
+    inv, start = _invert(env, "dpmpp_2m_sde", cfg=cfg, skip=skip)
+    assert inv.method == "dpmpp_2m_sde" and inv.noises.shape == (7, 1, 4, 8, 8)
+    assert torch.all(inv.noises[:skip] == 0) and inv.noises[skip:].abs().amax() > 0
+    out = _replay(env, inv, env["pos"], cfg=cfg)
+    assert _rel(out, env["latent"]["samples"]) < 1e-4
+    edited = _replay(env, inv, env["tgt"], cfg=cfg)
+    assert _rel(edited, env["latent"]["samples"]) > 1e-3
+    maps = iter(inv.noises[skip:])
+    sampler = comfy.samplers.ksampler("dpmpp_2m_sde", {"noise_sampler": lambda s, sn: next(maps)})
+    guider = comfy.samplers.CFGGuider(env["model"])
+    guider.set_conds(env["tgt"], env["neg"])
+    guider.set_cfg(cfg)
+    theirs = guider.sample(torch.zeros_like(start["samples"]), start["samples"], sampler, inv.sigmas[skip:].float(),
+                           disable_pbar=True, seed=0)
+    assert _rel(edited, theirs) < 1e-5
+
+
+def test_dpm_method_rejects_an_eta_schedule(env):
+    const = ninv.EtaScheduleNode.execute("constant", 0.5, "", 1.0).result[0]
+    with pytest.raises(ValueError, match="not to dpmpp_2m_sde"):
+        _invert(env, "dpmpp_2m_sde", eta_schedule=const)
+
+
+def test_final_zero_is_replaced_or_dropped(env):
+    """A schedule ending well above sigma_min gets its final 0 replaced by sigma_min; one that already
+    reaches sigma_min (ComfyUI's normal/karras) drops it.  Both reconstruct, both replay from the
+    user's SIGMAS (with the 0)."""
+    model = env["model"]
+    custom = torch.tensor([14.6, 3.0, 0.5, 0.0])
+    inv, _ = ninv.InvertNode.execute(model, env["pos"], env["neg"], env["latent"], custom, "ddpm", 0, 1.0, 3).result
+    assert inv.info["final_zero_replaced"] and inv.steps == 3 and float(inv.sigmas[-1]) > 0
+    assert _rel(_replay(env, inv, env["pos"], sigmas=custom), env["latent"]["samples"]) < 1e-4
+    inv2, _ = _invert(env, "ddpm")
+    assert inv2.info["final_zero_dropped"] and float(inv2.sigmas[-1]) == pytest.approx(float(_sigmas(model)[-2]))
+    assert _rel(_replay(env, inv2, env["pos"], sigmas=_sigmas(model)), env["latent"]["samples"]) < 1e-4
+    with pytest.raises(ValueError, match="single step"):
+        ninv.InvertNode.execute(model, env["pos"], env["neg"], env["latent"], _sigmas(model)[-2:], "ddpm", 0, 1.0, 3)

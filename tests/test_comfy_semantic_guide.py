@@ -37,7 +37,8 @@ def _concept(env, text="blue", scale=5.0, **kw):
 def _run(env, guider, inv):
     sampler = ninv.InversionSamplerNode.execute(inv).result[0]
     lat = env["latent"]["samples"]
-    return guider.sample(torch.zeros_like(lat), lat, sampler, _sigmas(env["model"], inv.steps), disable_pbar=True, seed=0)
+    steps = inv.steps + int(bool(inv.info.get("final_zero_dropped")))     # the user's SIGMAS end with 0
+    return guider.sample(torch.zeros_like(lat), lat, sampler, _sigmas(env["model"], steps), disable_pbar=True, seed=0)
 
 
 def _rel(a, b):

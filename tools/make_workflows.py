@@ -231,7 +231,7 @@ def _concept(g: Graph, ckpt, text, direction, scale, threshold, warmup, pos, pre
     return c
 
 
-def _semantic_edit(mode: str, title: str, note: str, prefix: str) -> dict:
+def _semantic_edit(mode: str, title: str, note: str, prefix: str, method: str = "ddpm") -> dict:
     g = Graph()
     ckpt, img, enc, src, neg, _ = _photo_and_prompts(g, SOURCE, None)
     remove = _concept(g, ckpt, "red", "remove", 5.0, 0.9, 1, (800, 20))
@@ -246,7 +246,7 @@ def _semantic_edit(mode: str, title: str, note: str, prefix: str) -> dict:
     g.link(src, 0, sg, "positive")
     g.link(neg, 0, sg, "negative")
     g.link(add, 0, sg, "concepts")
-    _, sca = _invert_and_replay(g, ckpt, enc, neg, neg, None, (ckpt, 0), "ddpm", 3, 1.0, prefix=prefix, guider=sg)
+    _, sca = _invert_and_replay(g, ckpt, enc, neg, neg, None, (ckpt, 0), method, 3, 1.0, prefix=prefix, guider=sg)
     cm = g.node("PhotoOps_ConceptMasks", inputs=[("masks", "PHOTOOPS_CONCEPT_MASKS"), ("samples", "LATENT")],
                 outputs=[("mask", "MASK"), ("heatmap", "IMAGE")], widgets=[1], pos=(2100, 420), size=(260, 100),
                 title="Where 'green' acted")
@@ -265,9 +265,11 @@ def ledits_edit() -> dict:
 
 
 def ledits_pp_edit() -> dict:
-    return _semantic_edit("ledits++", "Semantic Guide (LEDITS++)", "LEDITS++ (Brack et al.): the same inversion, "
-                          "concepts applied only inside implicit masks (cross-attention AND noise-estimate "
-                          "masks); no momentum, no target CFG.", "photoops_ledits_pp")
+    return _semantic_edit("ledits++", "Semantic Guide (LEDITS++)", "LEDITS++ (Brack et al.): its own inversion "
+                          "(Invert method dpmpp_2m_sde: SDE DPM-Solver++ 2M, exact, only the steps after skip are "
+                          "inverted), concepts applied only inside implicit masks (cross-attention AND "
+                          "noise-estimate masks); no momentum, no target CFG.", "photoops_ledits_pp",
+                          method="dpmpp_2m_sde")
 
 
 def concept_learn() -> dict:
@@ -319,6 +321,7 @@ def concept_learn() -> dict:
                      "embedding:cl_backdrop; the files also work in any later workflow and in other UIs. Route the "
                      "prompts' CLIP through Concept Learn so they are encoded after training. Real use: 400 steps at "
                      "512 px on a GPU.")
+
 
 
 # ---- pOps (issue 6) ----------------------------------------------------------------------
