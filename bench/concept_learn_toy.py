@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--per-combo", type=int, default=6, help="samples per held-out (fg, bg) combination")
     ap.add_argument("--shapes", default="triangle,square,circle")
     ap.add_argument("--init-words", default="a,circle", help="init words; a word equal to the shape is skipped")
+    ap.add_argument("--loss-region", default="union", choices=["union", "not_others"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -55,7 +56,8 @@ def main():
             before = ct.shape_success(tm, text, e0, shape, args.per_combo, seed=args.seed)
             l_init = ct.heldout_loss(den, text, e0, shape)
             l_word = ct.heldout_loss(den, text, text.init_vector(shape)[None, None], shape)
-            cfg = cl.ConceptConfig(steps=args.steps, em_rounds=args.rounds, lr=args.lr, seed=args.seed)
+            cfg = cl.ConceptConfig(steps=args.steps, em_rounds=args.rounds, lr=args.lr, seed=args.seed,
+                                   loss_region=args.loss_region)
             t0 = time.perf_counter()
             res = ct.learn(den, text, hooks, imgs, caps, word, cfg)
             dt = time.perf_counter() - t0

@@ -165,6 +165,11 @@ class ConceptLearnNode(io.ComfyNode):
                                tooltip="Continue from a checkpoint embedding of the first concept (e.g. "
                                        "conceptlearn/cl_dog-interrupted-120); the other concepts' files of the "
                                        "same step are found next to it."),
+                io.Combo.Input("loss_region", options=["union", "not_others"], default="union", optional=True,
+                               tooltip="Where the diffusion loss counts. union: only inside the prompt's concepts' "
+                                       "masks (the paper's Break-A-Scene loss). not_others: everywhere except the "
+                                       "other concepts' masks, so the token is also judged on what it must NOT "
+                                       "draw (better shapes on our toy test; = textual inversion for 1 concept)."),
             ],
             outputs=[
                 io.Clip.Output(display_name="clip", tooltip="The input CLIP, unchanged; the embeddings are in the "
@@ -181,7 +186,8 @@ class ConceptLearnNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, concept_names, init_words, steps, learning_rate, em_rounds, seed,
                 resolution, lambda_attn=0.01, vectors_per_token=1, use_crf=True, unassigned_label=True,
-                save_every=100, overwrite=False, init_masks=None, presence="", resume_from="none") -> io.NodeOutput:
+                save_every=100, overwrite=False, init_masks=None, presence="", resume_from="none",
+                loss_region="union") -> io.NodeOutput:
         names, words = _split(concept_names), _split(init_words)
         ca.ensure_supported(model)
         text = ca.ComfyConceptText(clip)
@@ -200,7 +206,7 @@ class ConceptLearnNode(io.ComfyNode):
             cfg = kcl.ConceptConfig(steps=int(steps), em_rounds=int(em_rounds), lr=float(learning_rate),
                                     lambda_attn=float(lambda_attn), vectors_per_token=int(vectors_per_token),
                                     use_crf=bool(use_crf), unassigned=bool(unassigned_label), seed=int(seed),
-                                    save_every=int(save_every))
+                                    save_every=int(save_every), loss_region=str(loss_region))
             cfg.validate()
             edir = ca.embeddings_dir()
             final = {n: os.path.join(edir, f"{n}.safetensors") for n in names}

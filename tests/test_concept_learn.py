@@ -112,6 +112,19 @@ def test_masked_loss_ignores_outside_and_equals_mse_with_full_mask():
     assert torch.allclose(la, ((pred - target) ** 2 * mask[:, None]).sum() / (mask.sum() * 4))
 
 
+def test_loss_region_union_and_not_others():
+    m = torch.zeros(3, 4, 4)
+    m[0, 0] = 1
+    m[1, 1] = 1
+    m[2, 2] = 1
+    assert torch.equal(cl.loss_region_mask(m, [0, 2], [0, 1, 2]), m[0] + m[2])
+    assert torch.equal(cl.loss_region_mask(m, [0], [0, 1, 2], "not_others"), 1 - m[1] - m[2])
+    assert torch.equal(cl.loss_region_mask(m, [0], [0, 2], "not_others"), 1 - m[2])      # absent concept 1 ignored
+    assert torch.equal(cl.loss_region_mask(m[:1], [0], [0], "not_others"), torch.ones(4, 4))
+    with pytest.raises(ValueError, match="loss_region"):
+        cl.ConceptConfig(loss_region="everything").validate()
+
+
 def test_attention_loss_zero_at_normalised_mask_and_positive_otherwise():
     m = torch.zeros(2, 4, 4)
     m[0, :2] = 1

@@ -284,7 +284,7 @@ def concept_learn() -> dict:
                 outputs=[("clip", "CLIP"), ("masks", "MASK"), ("mask_preview", "IMAGE"), ("prompt_hint", "STRING"),
                          ("loss", "LOSS_MAP")],
                 widgets=["cl_disc, cl_backdrop", "circle, background", 2, 0.01, 1, 0, "fixed", 64, 0.01, 1, True,
-                         False, 0, False, "", "none"],
+                         False, 0, False, "", "none", "union"],
                 pos=(360, 40), size=(340, 520), title="Concept Learn (tiny steps for the demo; use 400 at 512 px)")
     msave = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_concept_masks"], pos=(740, 420),
                    size=(260, 280), title="Learned masks")
