@@ -422,20 +422,74 @@ def pops_chain_sdxl() -> dict:
                      "Operator outputs are CLIP_VISION_OUTPUTs, so they feed the next operator directly." + POPS_NOTE)
 
 
+POPS_IPADAPTER = "photoops_tiny_ip-adapter_sdxl.safetensors"  # users: ip-adapter_sdxl.safetensors (ViT-bigG)
+IPADAPTER_EMBEDS_WIDGETS = [1.0, "linear", 0.0, 1.0, "V only"]  # weight, weight_type, start_at, end_at, embeds_scaling
+
+
+def _pops_ipadapter(g: Graph, app, model_src, x: int = 1100):
+    """IPAdapter_plus: IPAdapterModelLoader + IPAdapterEmbeds(model, ipadapter, pos_embed, neg_embed) -> MODEL."""
+    ipl = g.node("IPAdapterModelLoader", outputs=[("IPADAPTER", "IPADAPTER")], widgets=[model_src[2]],
+                 pos=(x, 200), size=(320, 60))
+    ipe = g.node("IPAdapterEmbeds", inputs=[("model", "MODEL"), ("ipadapter", "IPADAPTER"), ("pos_embed", "EMBEDS"),
+                                            ("neg_embed", "EMBEDS"), ("attn_mask", "MASK"),
+                                            ("clip_vision", "CLIP_VISION")],
+                 outputs=[("MODEL", "MODEL")], widgets=list(IPADAPTER_EMBEDS_WIDGETS), pos=(x + 360, 20),
+                 size=(320, 240))
+    g.link(model_src[0], model_src[1], ipe, "model")
+    g.link(ipl, 0, ipe, "ipadapter")
+    g.link(app, 1, ipe, "pos_embed")
+    g.link(app, 2, ipe, "neg_embed")
+    return ipe
+
+
 def pops_ipadapter_sdxl() -> dict:
-    """Needs cubiq/ComfyUI_IPAdapter_plus (not installed in CI): written to workflows/ipadapter/, never run here."""
+    """CI-sized (tiny fixtures; run over HTTP by tests/test_comfy_ipadapter.py when the pack is installed)."""
+    g = Graph()
+    _, app = _pops_texturing(g)
+    unet = g.node("UNETLoader", outputs=[("MODEL", "MODEL")], widgets=[POPS_UNET, "default"], pos=(1100, 20),
+                  size=(320, 80), title="SDXL model")
+    ipe = _pops_ipadapter(g, app, (unet, 0, POPS_IPADAPTER))
+    rev = g.node("PhotoOps_PopsRevisionConditioning",
+                 inputs=[("model", "MODEL"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
+                 outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], widgets=[0.0, 0.0],
+                 pos=(1460, 300), size=(320, 100), title="No text (zero context; strength 0: no revision input)")
+    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[64, 64, 1], pos=(1460, 450),
+                 size=(300, 110))
+    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
+                widgets=[0, "fixed", 2, 5.0, "euler", "normal", 1.0], pos=(1820, 20), size=(315, 262))
+    vae = g.node("VAELoader", outputs=[("VAE", "VAE")], widgets=[POPS_VAE], pos=(1820, 320), size=(300, 60))
+    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 pos=(2170, 20), size=(210, 46))
+    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_pops_ipadapter"], pos=(2410, 20),
+                  size=(260, 280))
+    g.link(unet, 0, rev, "model")
+    g.link(app, 0, rev, "clip_vision_output")
+    g.link(ipe, 0, ks, "model")
+    g.link(rev, 0, ks, "positive")
+    g.link(rev, 1, ks, "negative")
+    g.link(lat, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return g.to_json("pOps texturing rendered with SDXL + IP-Adapter (as in the paper): Operator Apply's pos_embed/"
+                     "neg_embed are IPAdapter_plus EMBEDS (image_embeds and zeros, the non-plus IPAdapterEncoder "
+                     "format) for IPAdapterEmbeds. Needs cubiq/ComfyUI_IPAdapter_plus. CI-sized: tiny random "
+                     "fixtures, no text encoder (the revision node at strength 0 only supplies zero text "
+                     "conditioning, so the image comes from the IP-Adapter alone), 64x64, 2 steps. For real use "
+                     "see pops_ipadapter_sdxl_paper.json (sd_xl_base checkpoint, empty prompt, the paper's negative "
+                     "prompt, ip-adapter_sdxl.safetensors, the ViT-bigG variant; _vit-h and plus adapters do not "
+                     "fit 1280-d bigG embeddings)." + POPS_NOTE)
+
+
+def pops_ipadapter_sdxl_paper() -> dict:
+    """The paper's settings with real files (never run here: SDXL base and its text encoders are not in CI)."""
     g = Graph()
     _, app = _pops_texturing(g, clip_vision=("CLIPVisionLoader", "clip_vision_g.safetensors"),
                              operator=("texturing/learned_prior.pth", "kandinsky-2-2-prior.safetensors", "auto"))
     ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
                   widgets=["sd_xl_base_1.0.safetensors"], pos=(1100, 20))
-    ipl = g.node("IPAdapterModelLoader", outputs=[("IPADAPTER", "IPADAPTER")], widgets=["ip-adapter_sdxl.safetensors"],
-                 pos=(1100, 200), size=(320, 60))
-    ipe = g.node("IPAdapterEmbeds", inputs=[("model", "MODEL"), ("ipadapter", "IPADAPTER"), ("pos_embed", "EMBEDS"),
-                                            ("neg_embed", "EMBEDS"), ("attn_mask", "MASK"),
-                                            ("clip_vision", "CLIP_VISION")],
-                 outputs=[("MODEL", "MODEL")], widgets=[1.0, "linear", 0.0, 1.0, "V only"], pos=(1460, 20),
-                 size=(320, 240))
+    ipe = _pops_ipadapter(g, app, (ckpt, 0, "ip-adapter_sdxl.safetensors"))
     pos = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
                  widgets=[""], pos=(1460, 300), title="Prompt (empty, as in the paper)", size=(380, 100))
     neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
@@ -449,10 +503,6 @@ def pops_ipadapter_sdxl() -> dict:
                  pos=(2230, 20), size=(210, 46))
     save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_pops_ipadapter"], pos=(2470, 20),
                   size=(260, 280))
-    g.link(ckpt, 0, ipe, "model")
-    g.link(ipl, 0, ipe, "ipadapter")
-    g.link(app, 1, ipe, "pos_embed")
-    g.link(app, 2, ipe, "neg_embed")
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
     g.link(ipe, 0, ks, "model")
@@ -462,10 +512,11 @@ def pops_ipadapter_sdxl() -> dict:
     g.link(ks, 0, dec, "samples")
     g.link(ckpt, 2, dec, "vae")
     g.link(dec, 0, save, "images")
-    return g.to_json("pOps texturing rendered with SDXL + IP-Adapter (ip-adapter_sdxl, the ViT-bigG variant, as in "
-                     "the paper): Operator Apply's pos_embed/neg_embed are IPAdapter_plus EMBEDS (the image_embeds "
-                     "tensor and zeros, the non-plus IPAdapterEncoder format). Needs cubiq/ComfyUI_IPAdapter_plus; "
-                     "its _vit-h and plus adapters do not fit 1280-d bigG embeddings. Not run in CI.")
+    return g.to_json("pOps texturing rendered with SDXL + IP-Adapter at the paper's settings (ip-adapter_sdxl, the "
+                     "ViT-bigG variant; empty prompt, the paper's negative prompt, 50 steps, weight 1): Operator "
+                     "Apply's pos_embed/neg_embed are IPAdapter_plus EMBEDS. Needs cubiq/ComfyUI_IPAdapter_plus; "
+                     "its _vit-h and plus adapters do not fit 1280-d bigG embeddings. Its node signatures are "
+                     "checked in CI (tests/test_comfy_ipadapter.py); it is not run there (no SDXL files).")
 
 
 WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
@@ -476,7 +527,8 @@ WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json"
 
 # pOps (issue 6); ipadapter/ is a subfolder: ComfyUI and the CI tests only read workflows/*.json
 WORKFLOWS.update({"pops_texturing_sdxl.json": pops_texturing_sdxl, "pops_chain_sdxl.json": pops_chain_sdxl,
-                  "ipadapter/pops_ipadapter_sdxl.json": pops_ipadapter_sdxl})
+                  "ipadapter/pops_ipadapter_sdxl.json": pops_ipadapter_sdxl,
+                  "ipadapter/pops_ipadapter_sdxl_paper.json": pops_ipadapter_sdxl_paper})
 
 
 # ---- InstructBrush (issue 8) ---------------------------------------------------------------

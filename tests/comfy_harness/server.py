@@ -23,7 +23,12 @@ The server gets:
 * a seeded user settings file (tutorial done, canvas navigation "custom",
   no font LOD), so the frontend opens cleanly;
 * the torchvision placeholder when the server's python has no working
-  torchvision (see comfyenv.py, launch_comfyui.py).
+  torchvision (see comfyenv.py, launch_comfyui.py);
+* ``--disable-all-custom-nodes --whitelist-custom-nodes photoops ...``: only
+  the pack, the test stubs and the third-party packs named in
+  ``third_party_nodes`` load, so packs installed in ``$COMFYUI_DIR/custom_nodes``
+  (e.g. ComfyUI_IPAdapter_plus for the pOps IP-Adapter test) are opt-in per
+  server; ``extra_models`` ({model folder: [files]}) are linked like the fixtures.
 
 On a failed start, or when a prompt fails, the exception message carries the
 tail of the server log.
@@ -132,6 +137,8 @@ class ComfyServer:
         upscale_stub: bool | None = None,
         keep: bool | None = None,
         start_timeout: float = 180.0,
+        third_party_nodes=(),
+        extra_models: dict | None = None,
     ):
         """
         comfy_dir   ComfyUI checkout (default $COMFYUI_DIR).
@@ -144,6 +151,9 @@ class ComfyServer:
         upscale_stub  install the UpscaleModelLoader placeholder; None = when
                     ``import spandrel`` fails in the server's python.
         keep        keep the temp root after stopping (default: $PHOTOOPS_KEEP_COMFY_TMP).
+        third_party_nodes  folder names in ``<comfy_dir>/custom_nodes`` to load too
+                    (all other custom nodes there are skipped).
+        extra_models  {model folder: [files]} linked into the models folders.
         """
         d = Path(comfy_dir) if comfy_dir else comfyenv.comfyui_dir()
         if d is None:
@@ -156,6 +166,8 @@ class ComfyServer:
         self.upscale_stub = upscale_stub
         self.keep = bool(os.environ.get("PHOTOOPS_KEEP_COMFY_TMP")) if keep is None else keep
         self.start_timeout = start_timeout
+        self.third_party_nodes = list(third_party_nodes)
+        self.extra_models = dict(extra_models or {})
         if isinstance(checkpoint, dict):
             checkpoint = checkpoint["path"]
         self.checkpoint = Path(checkpoint) if checkpoint else None
@@ -213,6 +225,10 @@ class ComfyServer:
                 (models / sub).mkdir(exist_ok=True)
                 for f in files:
                     (models / sub / f.name).symlink_to(Path(f).resolve())
+        for sub, files in self.extra_models.items():
+            (models / sub).mkdir(exist_ok=True)
+            for f in files:
+                (models / sub / Path(f).name).symlink_to(Path(f).resolve())
 
         cn = self.root / "custom_nodes"
         if self.with_pack:
@@ -241,6 +257,8 @@ class ComfyServer:
         if stub:
             (cn / STUB_NODES_DIR).mkdir()
             (cn / STUB_NODES_DIR / "__init__.py").write_text(_UPSCALE_STUB)
+        # only these custom node folders load (ComfyUI also scans <comfy_dir>/custom_nodes)
+        self.custom_node_whitelist = sorted(p.name for p in cn.iterdir()) + self.third_party_nodes
 
         yaml_lines = ["photoops_test:", f"    base_path: {json.dumps(str(models))}"]
         for sub in sorted(p.name for p in models.iterdir()):
@@ -276,6 +294,8 @@ class ComfyServer:
                 "--output-directory", str(self.path("output")),
                 "--temp-directory", str(self.path("temp")),
                 "--extra-model-paths-config", str(self.root / "extra_model_paths.yaml"),
+                "--disable-all-custom-nodes",
+                *(["--whitelist-custom-nodes", *self.custom_node_whitelist] if self.custom_node_whitelist else []),
                 *self.extra_args,
             ]
             self._log_file = open(self.log_path, "ab")
