@@ -64,6 +64,7 @@ __all__ = [
     "masks_from_attention",
     "otsu_threshold",
     "parse_caption",
+    "prediction_and_target",
     "parse_presence",
     "stack_images",
     "subset_prompt",
@@ -280,6 +281,24 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, no
         area = m.expand_as(sq).sum().clamp_min(1.0)
         return sq.sum() / area
     return sq.mean()
+
+
+def prediction_and_target(x, x0, z, eps, sigma, prediction_type: str = "epsilon") -> tuple:
+    """The model's own output space for the loss (spec §3.2: eps, or the velocity for v-models).
+
+    From the denoiser's x0 at ``x = z + sigma * eps`` (k-diffusion): ``eps_pred = (x - x0) / sigma``;
+    with ``abar = 1 / (1 + sigma^2)`` the velocity is ``v = sqrt(abar) eps - sqrt(1 - abar) z``
+    (Salimans & Ho 2022), predicted as ``sqrt(abar) eps_pred - sqrt(1 - abar) x0``.
+    Returns ``(prediction, target)``.
+    """
+    sg = torch.as_tensor(sigma).reshape(-1, *([1] * (x.ndim - 1))).to(x0.dtype)
+    eps_pred = (x - x0) / sg
+    if prediction_type == "v_prediction":
+        ab = 1.0 / (1.0 + sg ** 2)
+        return ab.sqrt() * eps_pred - (1 - ab).sqrt() * x0, ab.sqrt() * eps - (1 - ab).sqrt() * z
+    if prediction_type != "epsilon":
+        raise ValueError(f"prediction type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    return eps_pred, eps
 
 
 def loss_region_mask(masks: torch.Tensor, subset: Sequence[int], present: Sequence[int], mode: str = "union"):
@@ -648,14 +667,7 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
                 cond, positions = text.encode(cap_parts[n] if cap_parts is not None else subset_prompt(S), vectors)
                 rec.start({k: positions[k] for k in S}, keep_grad=cfg.lambda_attn > 0)
                 x0 = den.predict_x0_grad(x, sigma, cond)
-                sg = sigma.view(-1, 1, 1, 1).to(x0.dtype)
-                eps_pred = (x - x0) / sg
-                if target_type == "v_prediction":
-                    ab = 1.0 / (1.0 + sg ** 2)
-                    pred = ab.sqrt() * eps_pred - (1 - ab).sqrt() * x0
-                    target = ab.sqrt() * eps - (1 - ab).sqrt() * z
-                else:
-                    pred, target = eps_pred, eps
+                pred, target = prediction_and_target(x, x0, z, eps, sigma, target_type)
                 union = loss_region_mask(mk, S, [k for k in range(K) if presence[n, k]], cfg.loss_region)[None]
                 loss = masked_loss(pred.float(), target.float(), union, cfg.mask_normalize)
                 if cfg.lambda_attn > 0:

@@ -112,6 +112,35 @@ def test_masked_loss_ignores_outside_and_equals_mse_with_full_mask():
     assert torch.allclose(la, ((pred - target) ** 2 * mask[:, None]).sum() / (mask.sum() * 4))
 
 
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction"])
+def test_loss_is_in_the_models_own_output_space(toy, ptype):
+    """Through the diffusers adapter's x0 conversion (D1/D2), the prediction equals the raw UNet output
+    and the target is eps or v = sqrt(abar) eps - sqrt(1 - abar) z_0 (computed here from abar directly)."""
+    from photoops.kernels.concept_diffusers import DiffusersGradDenoiser
+
+    tm, den, text, hooks = toy
+    procs = tm.unet.attn_processors                 # the module's denoiser keeps its hooked processors
+    try:
+        dv = DiffusersGradDenoiser(tm.unet, den.schedule, ptype)
+        g = torch.Generator().manual_seed(0)
+        z, eps = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+        t = torch.tensor([150, 700])
+        sigma = den.schedule.sigmas[t].float()
+        x = z + sigma.view(-1, 1, 1, 1) * eps
+        cond = tm.encode_prompts(["a red circle on a white background"]).detach()
+        with torch.no_grad():
+            x0 = dv.predict_x0_grad(x, sigma, cond)
+            raw = tm.unet(x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt(), t.float(),
+                          encoder_hidden_states=cond.expand(2, -1, -1)).sample
+    finally:
+        tm.unet.set_attn_processor(procs)
+    pred, target = cl.prediction_and_target(x, x0, z, eps, sigma, ptype)
+    assert torch.allclose(pred, raw, atol=1e-3, rtol=1e-3)
+    abar = den.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    want = eps if ptype == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * z
+    assert torch.allclose(target, want, atol=1e-5)
+
+
 def test_loss_region_union_and_not_others():
     m = torch.zeros(3, 4, 4)
     m[0, 0] = 1
