@@ -95,7 +95,7 @@ def run_effect(model, name: str, args) -> dict:
 
     tii = ib.transformation_oriented_init(PHRASES, toy_clip_phrases(), toy_clip_images(before),
                                           toy_clip_images(after), r=args.r, eta=args.eta, joiner=" ")
-    p0 = tii["prompt"] or "make it"
+    p0 = args.init_prompt or tii["prompt"] or "make it"
     tok = model.tokenizer(p0, add_special_tokens=False).input_ids
     if len(tok) + 2 > model.tokenizer.model_max_length:
         raise ValueError(f"P0 {p0!r} is longer than the toy tokenizer's 16 positions")
@@ -146,6 +146,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--time-ranges", type=int, default=1)
+    ap.add_argument("--init-prompt", default="", help="use this P0 instead of TII's (e.g. the plain text)")
     ap.add_argument("--r", type=int, default=5)
     ap.add_argument("--eta", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
