@@ -51,6 +51,12 @@ def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def _same_bits(a, b) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
 def test_learn_saves_standard_embeddings_that_change_the_conditioning(env):
     unet0 = _state(env["model"].model.diffusion_model)
     te0 = _state(env["clip"].cond_stage_model)
@@ -63,10 +69,12 @@ def test_learn_saves_standard_embeddings_that_change_the_conditioning(env):
     assert hint == "a photo of embedding:cl_aa and embedding:cl_bb"
     assert len(loss["loss"]) == 1
     # frozen: UNet, text encoder (embedding table included), the input MODEL's options
+    # (bit comparison: ComfyUI leaves weights absent from the checkpoint, e.g. the SD1 CLIP's
+    # text_projection, uninitialised, and NaN != NaN under torch.equal)
     for k, v in env["model"].model.diffusion_model.state_dict().items():
-        assert torch.equal(v, unet0[k]), k
+        assert _same_bits(v, unet0[k]), k
     for k, v in env["clip"].cond_stage_model.state_dict().items():
-        assert torch.equal(v, te0[k]), k
+        assert _same_bits(v, te0[k]), k
     assert repr(env["model"].model_options) == opts0
     # the file: one emb_params [1, 768] float32 tensor + string metadata
     path = os.path.join(env["dir"], "cl_aa.safetensors")
