@@ -283,6 +283,21 @@ def ddim_invert(denoise: Callable, x0: torch.Tensor, sigmas, callback: Optional[
 
 # ----------------------------------------------------------------------------- DDPM inversion
 
+def _ladder_noise(x0: torch.Tensor, n: int, generator: Optional[torch.Generator], noise):
+    """The ``[n, *x0.shape]`` rung noise of (I8): given, or drawn one x0-shaped map per step with
+    ``generator``, least noisy rung first (diffusers LEdits++ order)."""
+    if noise is None:
+        dev = generator.device if generator is not None else x0.device
+        drawn = [None] * n
+        for i in reversed(range(n)):
+            drawn[i] = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
+        noise = torch.stack(drawn)
+    elif tuple(noise.shape) != (n, *x0.shape):
+        raise ValueError(f"ladder noise must have shape {(n, *x0.shape)}, got {tuple(noise.shape)}")
+    return noise.to(dtype=x0.dtype, device=x0.device)
+
+
+
 @torch.no_grad()
 def ddpm_invert(denoise: Callable, x0: torch.Tensor, sigmas, eta=1.0, generator: Optional[torch.Generator] = None,
                 noise: Optional[torch.Tensor] = None, callback: Optional[Callable] = None,
@@ -347,15 +362,7 @@ def ddpm_invert(denoise: Callable, x0: torch.Tensor, sigmas, eta=1.0, generator:
             raise ValueError(f"edit-friendly DDPM inversion needs eta > 0 everywhere (z is divided by "
                              f"s_up, DDPM §1.7); step {i} has eta <= 0")
 
-    if noise is None:
-        dev = generator.device if generator is not None else x0.device
-        drawn = [None] * n
-        for i in reversed(range(n)):          # least noisy first (diffusers LEdits++ order)
-            drawn[i] = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
-        noise = torch.stack(drawn)
-    elif tuple(noise.shape) != (n, *x0.shape):
-        raise ValueError(f"ladder noise must have shape {(n, *x0.shape)}, got {tuple(noise.shape)}")
-    noise = noise.to(dtype=x0.dtype, device=x0.device)
+    noise = _ladder_noise(x0, n, generator, noise)
 
     ladder = x0.new_empty((n + 1, *x0.shape))
     ladder[0] = x0 * math.sqrt(1.0 + s[n] ** 2) if vp_final else x0
@@ -484,15 +491,7 @@ def dpmpp_2m_sde_invert(denoise: Callable, x0: torch.Tensor, sigmas, generator: 
     s = sigma_list(sigmas)
     n = len(s) - 1
     x0 = _work_dtype(x0)
-    if noise is None:
-        dev = generator.device if generator is not None else x0.device
-        drawn = [None] * n
-        for i in reversed(range(n)):          # least noisy first (diffusers LEdits++ order)
-            drawn[i] = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
-        noise = torch.stack(drawn)
-    elif tuple(noise.shape) != (n, *x0.shape):
-        raise ValueError(f"ladder noise must have shape {(n, *x0.shape)}, got {tuple(noise.shape)}")
-    noise = noise.to(dtype=x0.dtype, device=x0.device)
+    noise = _ladder_noise(x0, n, generator, noise)
     ladder = x0.new_empty((n + 1, *x0.shape))
     ladder[0] = x0
     for i in range(n):
