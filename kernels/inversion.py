@@ -297,7 +297,6 @@ def _ladder_noise(x0: torch.Tensor, n: int, generator: Optional[torch.Generator]
     return noise.to(dtype=x0.dtype, device=x0.device)
 
 
-
 @torch.no_grad()
 def ddpm_invert(denoise: Callable, x0: torch.Tensor, sigmas, eta=1.0, generator: Optional[torch.Generator] = None,
                 noise: Optional[torch.Tensor] = None, callback: Optional[Callable] = None,
