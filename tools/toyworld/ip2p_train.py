@@ -27,7 +27,6 @@ model is evaluated (text-instructed edit success on held-out photos) and written
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 from .ip2p import T2I_DIR, evaluate_ip2p, ip2p_from_t2i, random_edits, save_ip2p
 from .model import ToyModel, load_model
 from .sample import save_grid
-from .train import ema_decay, load_state, log, lr_at, named_params, save_state
+from .train import ema_decay, log, lr_at, save_state, start_run
 from .world import render_batch
 
 TRAJECTORY_ARGS = ("batch", "lr", "lr_floor", "warmup", "ema", "p_both", "p_text", "p_image", "snr_gamma", "offset_noise", "seed",
@@ -106,33 +105,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     model = ip2p_from_t2i(load_model(T2I_DIR), seed=args.seed)
-    model.text_encoder.train()
-    model.unet.train()
-    ema = ToyModel(
-        model.tokenizer,
-        copy.deepcopy(model.text_encoder).eval().requires_grad_(False),
-        copy.deepcopy(model.unet).eval().requires_grad_(False),
-        model.vae,
-        model.scheduler,
-    )
-    params = [p for _, p in named_params(model)]
-    ema_params = [p for _, p in named_params(ema)]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8)
-    gen = torch.Generator().manual_seed(args.seed + 777)
-
-    state = load_state(args.out, model, ema, opt, gen)
-    step = 0
-    history = {"loss": [], "eval": [], "elapsed_s": 0.0}
-    if state is not None:
-        step = state["step"]
-        history = state.get("history", history)
-        old = state.get("args", {})
-        changed = {k: (old.get(k), getattr(args, k)) for k in TRAJECTORY_ARGS if k in old and old[k] != getattr(args, k)}
-        if changed:
-            log(f"WARNING: resuming with changed arguments {changed}; the run is no longer reproducible")
-        log(f"resumed at step {step}")
-    else:
-        log(f"fresh start in {args.out}")
+    ema, params, ema_params, opt, gen, state, step, history = start_run(model, args, args.seed + 777, TRAJECTORY_ARGS)
     log(f"params: {sum(p.numel() for p in params):,}  batch {args.batch}  steps {args.steps}")
 
     def run_eval(n: int) -> dict:

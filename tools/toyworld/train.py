@@ -154,6 +154,40 @@ class CaptionTable:
         self.empty = len(self.combos)
 
 
+def start_run(model: ToyModel, args, gen_seed: int, trajectory_args) -> tuple:
+    """Training set-up shared by the toy scripts: train mode, an EMA copy, AdamW, the data
+    generator, and the resume state of ``args.out`` if there is one (warning when an argument
+    that changes the trajectory differs).  Returns ``(ema, params, ema_params, opt, gen,
+    state, step, history)`` (``state`` None on a fresh start)."""
+    model.text_encoder.train()
+    model.unet.train()
+    ema = ToyModel(
+        model.tokenizer,
+        copy.deepcopy(model.text_encoder).eval().requires_grad_(False),
+        copy.deepcopy(model.unet).eval().requires_grad_(False),
+        model.vae,
+        model.scheduler,
+    )
+    params = [p for _, p in named_params(model)]
+    ema_params = [p for _, p in named_params(ema)]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8)
+    gen = torch.Generator().manual_seed(gen_seed)
+    state = load_state(args.out, model, ema, opt, gen)
+    step = 0
+    history = {"loss": [], "eval": [], "elapsed_s": 0.0}
+    if state is not None:
+        step = state["step"]
+        history = state.get("history", history)
+        old = state.get("args", {})
+        changed = {k: (old.get(k), getattr(args, k)) for k in trajectory_args if k in old and old[k] != getattr(args, k)}
+        if changed:
+            log(f"WARNING: resuming with changed arguments {changed}; the run is no longer reproducible")
+        log(f"resumed from {args.out}/{state['tensor_file']} at step {step}")
+    else:
+        log(f"fresh start in {args.out}")
+    return ema, params, ema_params, opt, gen, state, step, history
+
+
 def train_batch(scenes, table: CaptionTable, gen: torch.Generator, p_uncond: float):
     x0 = render_batch(scenes)
     rows = torch.tensor([table.index[(s.fg, s.shape, s.bg)] for s in scenes])
@@ -206,33 +240,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     model = build_model(seed=args.seed)
-    model.text_encoder.train()
-    model.unet.train()
-    ema = ToyModel(
-        model.tokenizer,
-        copy.deepcopy(model.text_encoder).eval().requires_grad_(False),
-        copy.deepcopy(model.unet).eval().requires_grad_(False),
-        model.vae,
-        model.scheduler,
-    )
-    params = [p for _, p in named_params(model)]
-    ema_params = [p for _, p in named_params(ema)]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8)
-    gen = torch.Generator().manual_seed(args.seed + 12345)
-
-    state = load_state(args.out, model, ema, opt, gen)
-    step = 0
-    history = {"loss": [], "eval": [], "elapsed_s": 0.0}
-    if state is not None:
-        step = state["step"]
-        history = state.get("history", history)
-        old = state.get("args", {})
-        changed = {k: (old.get(k), getattr(args, k)) for k in TRAJECTORY_ARGS if k in old and old[k] != getattr(args, k)}
-        if changed:
-            log(f"WARNING: resuming with changed arguments {changed}; the run is no longer reproducible")
-        log(f"resumed from {args.out}/{state['tensor_file']} at step {step}")
-    else:
-        log(f"fresh start in {args.out}")
+    ema, params, ema_params, opt, gen, state, step, history = start_run(model, args, args.seed + 12345, TRAJECTORY_ARGS)
     log(f"params: {sum(p.numel() for p in params):,}  batch {args.batch}  steps {args.steps}  threads {args.threads}")
 
     def export(tag: str = "model", final_eval: dict | None = None) -> None:
