@@ -15,6 +15,7 @@ change breaks one file:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -406,33 +407,60 @@ def encode_text(clip, text: str):
 CONCEPT_EMBED_KEY = "emb_params"
 
 
-def concept_clip_model(clip):
-    """The single CLIP text model of an SD1.x / SD2.x CLIP object; SDXL and others are refused."""
+class ConceptClipPart:
+    """One text encoder of a CLIP object: tokens key, model, tokenizer, width, file key."""
+
+    def __init__(self, key: str, model, tokenizer, file_key: str):
+        self.key, self.model, self.tok, self.file_key = key, model, tokenizer, file_key
+        self.width = int(model.transformer.get_input_embeddings().weight.shape[1])
+
+
+def concept_clip_parts(clip) -> list:
+    """The text encoders a concept vector is spliced into, as :class:`ConceptClipPart` s.
+
+    SD1.x / SD2.x: one encoder, file key ``emb_params`` (spec §8.2).  SDXL: ``clip_l`` and
+    ``clip_g`` (ComfyUI's SDXL tokenizers look these keys up in an embedding file, as A1111 and
+    diffusers' SDXL loaders do); one concept vector is the two rows side by side, ``[768 + 1280]``.
+    Everything else (SDXL refiner's lone clip_g, T5 families) is refused.
+    """
     csm = clip.cond_stage_model
+    if hasattr(csm, "clip_l") and hasattr(csm, "clip_g") and hasattr(csm.clip_l, "transformer") \
+            and hasattr(csm.clip_g, "transformer") and len([n for n, _ in csm.named_children()]) == 2:
+        return [ConceptClipPart("l", csm.clip_l, _sub_tokenizer(clip, "l"), "clip_l"),
+                ConceptClipPart("g", csm.clip_g, _sub_tokenizer(clip, "g"), "clip_g")]
     name = getattr(csm, "clip", None)
     sub = getattr(csm, name, None) if isinstance(name, str) else None
-    if sub is None or not hasattr(sub, "transformer") or hasattr(csm, "clip_g"):
+    if sub is None or not hasattr(sub, "transformer") or hasattr(csm, "clip_g") or name == "clip_g":
         raise UnsupportedModelError(
-            f"ConceptLearn trains SD1.x / SD2.x embeddings (one CLIP text encoder); this CLIP is "
-            f"{type(csm).__name__} (SDXL needs clip_l + clip_g vectors, not supported yet)")
-    return sub, name.replace("clip_", "")
+            f"ConceptLearn trains SD1.x / SD2.x (one CLIP text encoder) and SDXL (clip_l + clip_g) embeddings; "
+            f"this CLIP is {type(csm).__name__}")
+    key = name.replace("clip_", "")
+    return [ConceptClipPart(key, sub, _sub_tokenizer(clip, key), CONCEPT_EMBED_KEY)]
 
 
 class ComfyConceptText:
     """:class:`~..kernels.concept_learn.ConceptText` over a ComfyUI CLIP object.
 
-    A prompt is assembled as one 77-item chunk ``BOS, tokens..., EOS, PAD...``; each concept
-    slot is ``m`` items holding the learnable rows themselves, which ComfyUI's
+    A prompt is assembled, per text encoder, as one 77-item chunk ``BOS, tokens..., EOS, PAD...``
+    (each encoder's own special tokens: SDXL's clip_g pads with 0); each concept slot is ``m``
+    items holding (that encoder's slice of) the learnable rows, which ComfyUI's
     ``process_tokens`` splices into the input embeddings with ``torch.cat`` (differentiable).
-    The text encoder's own weights and embedding table are never touched; the CLIP object's
+    The text encoders' weights and embedding tables are never touched; the CLIP object's
     clip-skip setting is respected (``encode_from_tokens``).
+
+    ``encode`` returns the cross-attention context ``[1, 77, d_ctx]`` for one-encoder CLIPs and,
+    for SDXL, ``{"c_crossattn": [1, 77, 2048], "pooled_output": [1, 1280]}`` (the pooled clip_g
+    output feeds SDXL's ADM vector; :class:`ComfyGradDenoiser` builds it).
     """
 
     def __init__(self, clip):
         self.clip = clip
-        self.sub, self.key = concept_clip_model(clip)
-        self.tok = _sub_tokenizer(clip, self.key)
-        self.width = int(self.sub.transformer.get_input_embeddings().weight.shape[1])
+        self.parts = concept_clip_parts(clip)
+        self.sub, self.key, self.tok = self.parts[0].model, self.parts[0].key, self.parts[0].tok
+        self.subs = [p.model for p in self.parts]
+        self.widths = [p.width for p in self.parts]
+        self.width = sum(self.widths)
+        self.pooled = len(self.parts) > 1
         self.max_length = int(getattr(self.tok, "max_length", 77))
 
     def _ids(self, text: str) -> list:
@@ -447,32 +475,54 @@ class ComfyConceptText:
         ids = self._ids(word)
         if not ids:
             raise ValueError(f"the init word {word!r} tokenizes to nothing")
-        w = self.sub.transformer.get_input_embeddings().weight
-        return w[ids[0]].detach().float().cpu().clone()
+        rows = [p.model.transformer.get_input_embeddings().weight[ids[0]] for p in self.parts]
+        return torch.cat([r.detach().float().cpu() for r in rows]).clone()
 
     def is_single_token(self, name: str) -> bool:
         return len(self._ids(name)) == 1
 
+    def split(self, vectors: torch.Tensor) -> list:
+        """``[..., width]`` -> one ``[..., width_i]`` slice per text encoder."""
+        if vectors.shape[-1] != self.width:
+            raise ValueError(f"concept vectors are {vectors.shape[-1]} wide; this CLIP takes {self.width} "
+                             f"({' + '.join(str(w) for w in self.widths)})")
+        return list(torch.split(vectors, self.widths, dim=-1))
+
+    def file_tensors(self, vectors: torch.Tensor) -> dict:
+        """The embedding file's tensors for one concept's ``[m, width]`` vectors."""
+        return {p.file_key: v.detach().float().cpu().contiguous() for p, v in zip(self.parts, self.split(vectors))}
+
     def encode(self, parts, vectors: torch.Tensor):
         m = vectors.shape[1]
-        start, end = getattr(self.tok, "start_token", None), self.tok.end_token
-        pad = getattr(self.tok, "pad_token", end)
-        items, positions = ([] if start is None else [(start, 1.0)]), {}
-        for p in parts:
-            if isinstance(p, str):
-                items += [(t, 1.0) for t in self._ids(p)]
-            else:
-                k = int(p)
-                positions.setdefault(k, [])
-                for i in range(m):
-                    positions[k].append(len(items))
-                    items.append((vectors[k, i], 1.0))
-        if len(items) + 1 > self.max_length:
-            raise ValueError(f"the prompt needs {len(items) + 1} tokens; one chunk holds {self.max_length}")
-        items.append((end, 1.0))
-        items += [(pad, 1.0)] * (self.max_length - len(items))
-        tokens = {self.key: [items]}
-        with _out_of_place_clip_layers(self.sub):
+        slices = self.split(vectors)
+        ids = [self._ids(p) if isinstance(p, str) else None for p in parts]
+        tokens, positions = {}, {}
+        for part, vec in zip(self.parts, slices):
+            tok = part.tok
+            start, end = getattr(tok, "start_token", None), tok.end_token
+            pad = getattr(tok, "pad_token", end)
+            items, pos = ([] if start is None else [(start, 1.0)]), {}
+            for p, p_ids in zip(parts, ids):
+                if p_ids is not None:
+                    items += [(t, 1.0) for t in p_ids]
+                else:
+                    k = int(p)
+                    pos.setdefault(k, [])
+                    for i in range(m):
+                        pos[k].append(len(items))
+                        items.append((vec[k, i], 1.0))
+            if len(items) + 1 > self.max_length:
+                raise ValueError(f"the prompt needs {len(items) + 1} tokens; one chunk holds {self.max_length}")
+            items.append((end, 1.0))
+            items += [(pad, 1.0)] * (self.max_length - len(items))
+            tokens[part.key] = [items]
+            positions = positions or pos
+        with contextlib.ExitStack() as stack:
+            for sub in self.subs:
+                stack.enter_context(_out_of_place_clip_layers(sub))
+            if self.pooled:
+                cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+                return {"c_crossattn": cond, "pooled_output": pooled}, positions
             cond = self.clip.encode_from_tokens(tokens)
         return cond, positions
 
@@ -531,14 +581,35 @@ class ComfyGradDenoiser:
         self.device = self.patcher.load_device
 
     def predict_x0_grad(self, x, sigma, cond):
+        """``cond``: a context tensor, or SDXL's ``{"c_crossattn", "pooled_output"}`` (:class:`ComfyConceptText`).
+
+        SDXL's ADM vector is built by the model's own ``encode_adm`` from the pooled output
+        (differentiable) and the size conditioning: original = target size = the latent's
+        pixel size (``x`` x the VAE factor 8), crop (0, 0) [D: the training crops are centre
+        crops resized to the training resolution, so this is what the model sees].
+        """
         model = self.patcher.model
         B = x.shape[0]
         x = x.to(self.device)
         sigma = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(B)
         opts = dict(self.patcher.model_options.get("transformer_options", {}))
         opts.update({"cond_or_uncond": [0], "sigmas": sigma, "uuids": [None]})
+        extra = {}
+        if isinstance(cond, dict):
+            pooled = cond.get("pooled_output")
+            cond = cond["c_crossattn"]
+            if getattr(model, "adm_channels", 0):
+                if pooled is None:
+                    raise UnsupportedModelError(f"{type(model).__name__} needs a pooled text output (SDXL CLIP)")
+                h, w = int(x.shape[-2]) * 8, int(x.shape[-1]) * 8
+                y = model.encode_adm(pooled_output=pooled.to(self.device), width=w, height=h,
+                                     target_width=w, target_height=h, crop_w=0, crop_h=0, device=self.device)
+                extra["y"] = y.to(self.device).expand(B, -1)
+        elif getattr(model, "adm_channels", 0):
+            raise UnsupportedModelError(f"{type(model).__name__} needs the pooled output of an SDXL CLIP "
+                                        f"(ADM conditioning); connect the checkpoint's own CLIP")
         ctx = cond.to(self.device).expand(B, -1, -1)
-        out = model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=opts)
+        out = model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=opts, **extra)
         return out.float()
 
 
@@ -591,30 +662,47 @@ def embedding_path(name: str) -> str:
     return folder_paths.get_full_path_or_raise("embeddings", name)
 
 
-def save_concept_embedding(path: str, vectors: torch.Tensor, metadata: dict) -> None:
-    """One concept per file, ``{"emb_params": [m, d] float32}`` (spec §8.2), written atomically."""
+def save_concept_embedding(path: str, vectors, metadata: dict) -> None:
+    """One concept per file, written atomically with string metadata.
+
+    ``vectors``: ``[m, d]`` -> ``{"emb_params": [m, d] float32}`` (SD1.x/SD2.x, spec §8.2), or a
+    dict of tensors (SDXL: ``{"clip_l": [m, 768], "clip_g": [m, 1280]}``, see
+    :meth:`ComfyConceptText.file_tensors`).
+    """
     import os
 
     from safetensors.torch import save_file
 
+    tensors = vectors if isinstance(vectors, dict) else {CONCEPT_EMBED_KEY: vectors}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
-    save_file({CONCEPT_EMBED_KEY: vectors.detach().float().cpu().contiguous()}, tmp,
-              metadata={str(k): str(v) for k, v in metadata.items()})
+    save_file(tensors, tmp, metadata={str(k): str(v) for k, v in metadata.items()})
     os.replace(tmp, path)
 
 
 def read_concept_embedding(path: str) -> tuple:
-    """``(vectors [m, d], metadata)``; ``emb_params`` or the alphabetically first tensor (ComfyUI's rule 5)."""
+    """``(vectors [m, d], metadata)``.
+
+    An SDXL file (``clip_l`` + ``clip_g``) reads as the two rows side by side ``[m, 768 + 1280]``
+    (the concept vector layout of :class:`ComfyConceptText`); otherwise ``emb_params`` or the
+    alphabetically first tensor (ComfyUI's rule for other files).
+    """
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         keys = sorted(f.keys())
         if not keys:
             raise ValueError(f"{path} holds no tensor")
+        meta = f.metadata() or {}
+        if "clip_l" in keys and "clip_g" in keys:
+            l, g = f.get_tensor("clip_l"), f.get_tensor("clip_g")
+            l, g = l.reshape(-1, l.shape[-1]), g.reshape(-1, g.shape[-1])
+            if l.shape[0] != g.shape[0]:
+                raise ValueError(f"{path}: clip_l holds {l.shape[0]} vectors, clip_g {g.shape[0]}")
+            return torch.cat([l, g], -1).float(), meta
         key = CONCEPT_EMBED_KEY if CONCEPT_EMBED_KEY in keys else keys[0]
         t = f.get_tensor(key)
-        meta = f.metadata() or {}
     return t.reshape(-1, t.shape[-1]).float(), meta
 
 
