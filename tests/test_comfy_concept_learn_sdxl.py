@@ -1,4 +1,4 @@
-"""Concept Learn on SDXL and on v-prediction models, through ComfyUI in-process.
+"""Concept Learn on SDXL, SD2.x's text side and v-prediction models, through ComfyUI in-process.
 
 SDXL: the tiny SDXL-family UNet of ``comfy_harness/pops_fixtures.py`` (detected as KOALA_700M:
 context 2048, ADM 2816) with a small SDXL CLIP built from ComfyUI's own ``SDXLClipModel`` /
@@ -22,7 +22,7 @@ import comfy.utils
 import folder_paths
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 from comfy_harness.pops_fixtures import cached_pops_fixtures
-from comfy_harness.tiny_clip import tiny_sd1_clip, tiny_sdxl_clip
+from comfy_harness.tiny_clip import tiny_sd1_clip, tiny_sd2_clip, tiny_sdxl_clip
 from photoops.kernels.attention import AttentionHooks
 from photoops.nodes import comfy_adapter as ca
 from photoops.nodes import concept_learn as ncl
@@ -193,3 +193,25 @@ def test_v_prediction_model_trains_in_v_space(env, monkeypatch):
     assert checked, "the v-prediction path was not used"
     assert repr(env["model"].model_options) == opts0
     assert os.path.exists(os.path.join(env["dir"], "cl_v.safetensors"))
+
+
+def test_sd2_text_side_splices_and_its_file_loads_through_the_sd2_tokenizer(env, tmp_path):
+    """SD2.x (OpenCLIP-H, 1024 wide, pads with 0): one ``emb_params`` file ComfyUI's SD2 tokenizer reads."""
+    clip = tiny_sd2_clip(embedding_directory=[str(tmp_path)])
+    text = ca.ComfyConceptText(clip)
+    assert text.width == 1024 and [p.file_key for p in text.parts] == ["emb_params"]
+    vec = torch.stack([text.init_vector("dog")])[:, None]
+    with torch.no_grad():
+        got, pos = text.encode(["a photo of", 0], vec)
+        ref = clip.encode_from_tokens(clip.tokenize("a photo of dog"))
+    assert pos == {0: [4]} and torch.allclose(got, ref, atol=1e-5)
+    learned = vec[0] + 0.05 * torch.randn(1, 1024, generator=torch.Generator().manual_seed(3))
+    ca.save_concept_embedding(str(tmp_path / "cl_h.safetensors"), text.file_tensors(learned), {"concept": "cl_h"})
+    assert list(load_file(str(tmp_path / "cl_h.safetensors"))) == ["emb_params"]
+    toks = clip.tokenize("a photo of embedding:cl_h")
+    items = [it[0] for it in toks["h"][0]]
+    assert [i for i, t in enumerate(items) if isinstance(t, torch.Tensor)] == [4]
+    assert torch.equal(items[4].float(), learned[0])
+    with torch.no_grad():
+        spliced, _ = text.encode(["a photo of", 0], learned[None])
+        assert torch.allclose(clip.encode_from_tokens(toks), spliced, atol=1e-5)

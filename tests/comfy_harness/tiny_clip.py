@@ -71,6 +71,30 @@ def tiny_sd1_clip(layers: int = 3, mlp: int = 64, seed: int = SEED, embedding_di
     return _build(target, seed, embedding_directory)
 
 
+def tiny_sd2_clip(layers: int = 3, mlp: int = 64, seed: int = SEED, embedding_directory=None):
+    """A ``comfy.sd.CLIP`` with ComfyUI's SD2 text side (``SD2ClipModel`` arguments, ``SD2Tokenizer``), small config."""
+    import comfy.sd1_clip
+    from comfy.text_encoders import sd2_clip
+
+    cfg_h = _config(1024, 16, "gelu", layers, mlp)
+
+    class TinyClipH(comfy.sd1_clip.SDClipModel):
+        """``SD2ClipHModel``'s arguments (penultimate layer, pad 0, projected pooled) with a small config."""
+
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kw):  # noqa: B006
+            super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=cfg_h, dtype=dtype,
+                             special_tokens={"start": 49406, "end": 49407, "pad": 0}, return_projected_pooled=True,
+                             model_options=model_options)
+
+    class TinySD2ClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kw):  # noqa: B006
+            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_name="h",
+                             clip_model=TinyClipH, **kw)
+
+    target = SimpleNamespace(clip=TinySD2ClipModel, tokenizer=sd2_clip.SD2Tokenizer, params={})
+    return _build(target, seed, embedding_directory)
+
+
 def _build(target, seed, embedding_directory):
     import comfy.sd
 
