@@ -107,4 +107,4 @@ class DiffusersGradDenoiser(DiffusersDenoiser):
 
     def predict_x0_grad(self, x, sigma, cond):
         """x0 ``[B, ...]`` for per-row ``sigma`` ``[B]`` and one conditioning ``[1 or B, L, D]``."""
-        return self._predict(x, sigma, [cond])[0]
+        return self.predict_x0_keep_graph(x, sigma, [cond])[0]

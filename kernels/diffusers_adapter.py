@@ -159,9 +159,10 @@ class DiffusersDenoiser:
 
     @torch.no_grad()
     def predict_x0(self, x, sigma, conds, cond_ids=None, step=None, total_steps=None) -> list:
-        return self._predict(x, sigma, conds, cond_ids, step, total_steps)
+        return self.predict_x0_keep_graph(x, sigma, conds, cond_ids, step, total_steps)
 
-    def _predict(self, x, sigma, conds, cond_ids=None, step=None, total_steps=None) -> list:
+    def predict_x0_keep_graph(self, x, sigma, conds, cond_ids=None, step=None, total_steps=None) -> list:
+        """:meth:`predict_x0` without ``no_grad``: the result keeps the autograd graph (for training)."""
         if not conds:
             raise ValueError("predict_x0 needs at least one conditioning")
         sig = torch.as_tensor(sigma, dtype=torch.float64).flatten().cpu()
