@@ -83,6 +83,13 @@ def scenes_for(edit: Edit, n: int, seed: int):
     return out
 
 
+def learn_kwargs(args) -> dict:
+    """The :func:`kernels.instructbrush.learn` settings of the bench flags."""
+    return {"steps": args.learn_steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch,
+            "weighting": args.weighting, "weight_max": args.weight_max, "lr_schedule": args.lr_schedule,
+            "t_range": tuple(args.t_range) if args.t_range else None}
+
+
 def run_effect(model, name: str, args) -> dict:
     eff = EFFECTS[name]
     edit = eff["edit"]
@@ -121,11 +128,10 @@ def run_effect(model, name: str, args) -> dict:
     res["init"] = edit_metrics(sample(cond, True), test, targets, edits)
     hook.reset_counts()
     t1 = time.time()
-    out = ib.learn(inst, pred, before, after, model.scheduler.alphas_cumprod.float(), steps=args.learn_steps,
-                   lr=args.lr, seed=args.seed, batch_size=min(args.pairs, args.batch))
+    out = ib.learn(inst, pred, before, after, model.scheduler.alphas_cumprod.float(), **learn_kwargs(args))
     learn_s = time.time() - t1
     res["learned"] = edit_metrics(sample(cond, True), test, targets, edits)
-    res["learn"] = {"steps": args.learn_steps, "lr": args.lr, "time_ranges": args.time_ranges,
+    res["learn"] = {**{k: v for k, v in learn_kwargs(args).items() if k != "seed"}, "time_ranges": args.time_ranges,
                     "params": inst.n_params(), "seconds": round(learn_s, 1),
                     "loss_first10": sum(out.losses[:10]) / len(out.losses[:10]),
                     "loss_last10": sum(out.losses[-10:]) / len(out.losses[-10:])}
@@ -144,7 +150,12 @@ def main(argv=None):
     ap.add_argument("--s-image", type=float, default=1.5)
     ap.add_argument("--learn-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="samples per learning step (each its own pair, t, noise)")
+    ap.add_argument("--weighting", choices=ib.WEIGHTINGS, default="eps",
+                    help="per-timestep loss weights (kernels.instructbrush.timestep_weights)")
+    ap.add_argument("--weight-max", type=float, default=50.0)
+    ap.add_argument("--lr-schedule", choices=ib.LR_SCHEDULES, default="constant")
+    ap.add_argument("--t-range", type=int, nargs=2, metavar=("LO", "HI"), help="learn on timesteps LO..HI-1 only")
     ap.add_argument("--time-ranges", type=int, default=1)
     ap.add_argument("--init-prompt", default="", help="use this P0 instead of TII's (e.g. the plain text)")
     ap.add_argument("--r", type=int, default=5)

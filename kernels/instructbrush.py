@@ -35,6 +35,7 @@ UNet (:class:`DiffusersIP2P`, tests and the toy benchmark) and on a ComfyUI mode
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,11 +57,14 @@ __all__ = [
     "instruction_template",
     "ip2p_guided_eps",
     "learn",
+    "lr_at",
     "range_index",
+    "timestep_weights",
     "transformation_oriented_init",
 ]
 
 FORMAT = "photoops-instructbrush-v1"
+LOG = logging.getLogger("photoops.instructbrush")
 
 
 # ----------------------------------------------------------------------------- time ranges
@@ -234,6 +238,21 @@ class InstructionHook(AttentionHook):
         self.misses = 0
         self.ranges_used = set()
 
+    def end_run(self) -> str | None:
+        """Call once when a sampling run ends. If the hook saw cross-attention calls but never found
+        the instruction's rows (``hits == 0 < misses``: the conditioning is not P0 as encoded when
+        learning — another prompt, another text encoder, a prompt edited after Apply), log one
+        warning and return its text; otherwise return None. Counts are left for inspection
+        (:meth:`reset_counts` starts the next run)."""
+        if self.hits or not self.misses:
+            return None
+        msg = (f"InstructBrush: the learned instruction was never applied in this sampling run "
+               f"({self.misses} cross-attention calls, none with the conditioning of its initial instruction "
+               f"{self.instruction.prompt!r}). Use the conditioning that Instruction Apply outputs (same prompt, "
+               f"same CLIP) as the positive of InstructPixToPixConditioning; the result is plain InstructPix2Pix.")
+        LOG.warning(msg)
+        return msg
+
     def active(self, layer, call):
         return layer.order in self.instruction.k0
 
@@ -288,22 +307,53 @@ def ip2p_guided_eps(e_it, e_i, e_0, s_text: float, s_image: float):
     return e_0 + s_image * (e_i - e_0) + s_text * (e_it - e_i)
 
 
-def diffusion_loss(predict_eps: Callable, z0, image, t, noise, alphas_cumprod, guided: tuple | None = None):
+def diffusion_loss(predict_eps: Callable, z0, image, t, noise, alphas_cumprod, guided: tuple | None = None,
+                   weights=None):
     """(IB3) ``|| eps - eps_theta(z_t, t, E(x), c_T(gamma)) ||^2`` with ``z_t = sqrt(abar) z0 + sqrt(1-abar) eps``.
 
     ``predict_eps(z_t, t, image, text)``: ``text`` is True for the instruction, False for the empty
     prompt; ``image`` None means the zero image. ``guided=(s_T, s_I)`` uses the guided prediction
-    times 4 instead (VISII variant, §4.3).
+    times 4 instead (VISII variant, §4.3). ``weights`` [B]: per-sample loss weights (e.g.
+    :func:`timestep_weights`); None = the plain mean (IB3).
     """
     a = alphas_cumprod.to(z0.device, torch.float32)[t.long()].view(-1, *([1] * (z0.ndim - 1)))
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     if guided is None:
         pred = predict_eps(zt, t, image, True)
-        return ((pred.float() - noise) ** 2).mean()
-    s_t, s_i = guided
-    e = ip2p_guided_eps(predict_eps(zt, t, image, True), predict_eps(zt, t, image, False),
-                        predict_eps(zt, t, None, False), s_t, s_i)
-    return 4.0 * ((e.float() - noise) ** 2).mean()
+        err = (pred.float() - noise) ** 2
+    else:
+        s_t, s_i = guided
+        e = ip2p_guided_eps(predict_eps(zt, t, image, True), predict_eps(zt, t, image, False),
+                            predict_eps(zt, t, None, False), s_t, s_i)
+        err = 4.0 * (e.float() - noise) ** 2
+    if weights is None:
+        return err.mean()
+    per = err.flatten(1).mean(1)
+    return (per * weights.to(per.device, per.dtype)).mean()
+
+
+WEIGHTINGS = ("eps", "inv_snr")
+
+
+def timestep_weights(t, alphas_cumprod, weighting: str = "eps", weight_max: float = 50.0):
+    """Per-sample weights of the eps-MSE at timesteps ``t`` [ours, off by default].
+
+    ``eps``: 1 (IB3 as in the spec / VISII). ``inv_snr``: ``clamp(1/snr(t), 1, weight_max)`` with
+    ``snr = abar / (1 - abar)``, i.e. the eps error converted to the x0 error where the noise
+    dominates. Why it exists: the eps-MSE of a pixel/latent denoiser is largest at small t, where
+    z_t already shows the content and the text matters little, so with a few samples per step
+    the gradient on gamma is mostly low-t noise; the instruction's effect (which colour, which
+    layout) is decided at large t, where the eps-MSE is tiny. ``inv_snr`` is the weighting the
+    toy InstructPix2Pix was trained with (``tools/toyworld/ip2p_train.py``); use the weighting
+    the model was trained with (plain eps for Stable Diffusion's IP2P).
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    t = torch.as_tensor(t).long()
+    if weighting == "eps":
+        return torch.ones(t.shape, dtype=torch.float32)
+    a = alphas_cumprod.double().cpu()[t.cpu()]
+    return ((1 - a) / a).clamp(1.0, float(weight_max)).float()
 
 
 def check_pairs(before: torch.Tensor, after: torch.Tensor, what: str = "images") -> None:
@@ -329,17 +379,35 @@ class LearnResult:
     interrupted: bool = False
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str = "constant") -> float:
+    """Learning rate of step ``step`` (0-based) of ``steps`` [ours]: ``constant``, or ``cosine``
+    decay ``lr (1 + cos(pi step / steps)) / 2`` to 0 (a pure function of the step, so resume is exact)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
+        return float(lr)
+    return float(lr) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
 def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after, alphas_cumprod, *,
           steps: int = 1000, lr: float = 1e-3, seed: int = 0, batch_size: int = 1,
           loss_on_guided_prediction: bool = False, guidance: tuple = (7.5, 1.5), clip_grad: bool = True,
+          t_range: tuple | None = None, weighting: str = "eps", weight_max: float = 50.0,
+          lr_schedule: str = "constant",
           callback: Callable | None = None, start_step: int = 0, optimizer_state: dict | None = None) -> LearnResult:
     """Optimise ``instruction``'s gamma on before/after latent pairs (§4.3-4.4).
 
     ``before``: image-conditioning latents ``E(x_i)`` [N, Ci, h, w]; ``after``: target latents
     ``z0_i`` [N, C, h, w] (already scaled as the model expects). Only gamma is optimised (AdamW,
     betas 0.9/0.999, wd 0, fp32). Sample ``s`` of the run uses pair ``s mod N`` and the timestep
-    ``perm[s mod T]`` of a seeded permutation of 0..T-1 (a fresh permutation every T samples)
-    with seeded noise [visii]. ``batch_size`` samples per step [ours: default 1 = VISII].
+    ``perm[s mod T]`` of a seeded permutation of the timesteps (a fresh permutation every T
+    samples) with seeded noise [visii]. ``batch_size`` samples per step [ours: default 1 = VISII].
+    [ours, defaults = the spec] ``t_range=(lo, hi)`` draws the timesteps from ``lo..hi-1`` only;
+    ``weighting`` / ``weight_max``: per-timestep loss weights (:func:`timestep_weights`);
+    ``lr_schedule``: :func:`lr_at`.
     ``callback(step, loss, instruction)`` runs after every step; it may raise to stop (ComfyUI
     interrupt) — the instruction then holds the last completed step. [ours] The result is the
     last step's gamma (VISII's "lowest single-step MSE" mostly picks a step with tiny t).
@@ -349,8 +417,16 @@ def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after,
     check_pairs(before, after, "latents")
     if steps < 1:
         raise ValueError("steps must be >= 1")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
     n = before.shape[0]
     T = int(alphas_cumprod.numel())
+    lo, hi = (0, T) if t_range is None else (int(t_range[0]), int(t_range[1]))
+    if not 0 <= lo < hi <= T:
+        raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {T}, got {t_range}")
+    timestep_weights(torch.zeros(1), alphas_cumprod, weighting, weight_max)     # validates the name
+    lr_at(0, steps, lr, lr_schedule)
+    span = hi - lo
     params = list(instruction.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     if optimizer_state is not None:
@@ -363,10 +439,10 @@ def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after,
     perms = {}
 
     def sample(s):
-        epoch, i = divmod(s, T)
+        epoch, i = divmod(s, span)
         if epoch not in perms:
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
-            perms[epoch] = torch.randperm(T, generator=g)
+            perms[epoch] = torch.randperm(span, generator=g) + lo
         g = torch.Generator().manual_seed(int(seed) * 7_919 + 1_000_000 * (epoch + 1) + i)
         noise = torch.randn(after.shape[1:], generator=g)
         return s % n, int(perms[epoch][i]), noise
@@ -377,11 +453,15 @@ def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after,
             idx = list(idx)
             t = torch.tensor(ts, dtype=torch.long, device=after.device)
             noise = torch.stack(noises).to(after.device, after.dtype)
-            loss = diffusion_loss(predict_eps, after[idx], before[idx], t, noise, alphas_cumprod, guided=guided)
+            w = None if weighting == "eps" else timestep_weights(t, alphas_cumprod, weighting, weight_max)
+            loss = diffusion_loss(predict_eps, after[idx], before[idx], t, noise, alphas_cumprod, guided=guided,
+                                  weights=w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_value_(params, clip)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, lr_schedule)
             opt.step()
             step += 1
             losses.append(float(loss.detach()))

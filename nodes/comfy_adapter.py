@@ -1013,3 +1013,10 @@ class ComfyIP2PEps:
 def instruction_folder() -> str:
     """Register ``models/photoops_instructions`` + ``output/photoops_instructions``; returns the output side."""
     return register_folder("photoops_instructions", "photoops_instructions")
+
+
+def on_run_end(model, callback) -> None:
+    """Call ``callback()`` when a sampling run with ``model`` (a ModelPatcher, patched in place) ends,
+    normally or not (ComfyUI's ON_CLEANUP callback, which ``outer_sample`` runs in its ``finally``)."""
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, "photoops_instructbrush",
+                                lambda patcher: callback())

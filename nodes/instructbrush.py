@@ -55,8 +55,12 @@ def _positions(clip, prompt: str) -> list:
 
 
 def _hooked(model, inst, strength: float = 1.0):
+    """Patched clone; the hook's counts are reset when a sampling run starts and checked when it ends
+    (one logged warning if the instruction's conditioning never reached the model)."""
     hook = ib.InstructionHook(inst, strength=strength, schedule=ca.vp_schedule(model))
-    return ca.attach_attention_hooks(model, AttentionHooks([hook]), on_run_start=hook.reset_counts), hook
+    patched = ca.attach_attention_hooks(model, AttentionHooks([hook]), on_run_start=hook.reset_counts)
+    ca.on_run_end(patched, hook.end_run)
+    return patched, hook
 
 
 class InstructionLearnNode(io.ComfyNode):

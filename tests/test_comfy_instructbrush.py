@@ -170,3 +170,15 @@ def test_bad_inputs(env):
     inst.prompt = "make it much bluer now"          # a different P0: token count differs
     with pytest.raises(ValueError, match="tokens of the instruction"):
         nib.InstructionApplyNode.execute(env["model"], env["clip"], inst, 1.0)
+
+
+def test_apply_warns_once_per_run_when_the_instruction_never_reached_the_model(env, caplog):
+    model, clip = env["model"], env["clip"]
+    inst, _ = _learn(env, "warn").result[:2]
+    patched, pos, _ = nib.InstructionApplyNode.execute(model, clip, inst, 1.0).result
+    with caplog.at_level("WARNING", logger="photoops.instructbrush"):
+        _edit(env, patched, pos, steps=2)                            # the Apply conditioning: no warning
+        assert not [r for r in caplog.records if "never applied" in r.getMessage()]
+        _edit(env, patched, ca.encode_text(clip, "a different prompt"), steps=2)
+    warned = [r for r in caplog.records if "never applied" in r.getMessage()]
+    assert len(warned) == 1 and repr(PROMPT) in warned[0].getMessage()

@@ -343,3 +343,97 @@ def test_guidance_formula_matches_diffusers_ip2p():
     diffusers_form = e_unc + s_t * (e_text - e_image) + s_i * (e_image - e_unc)
     assert torch.allclose(ib.ip2p_guided_eps(e_text, e_image, e_unc, s_t, s_i), diffusers_form, atol=1e-6)
     assert math.isclose(float(ib.ip2p_guided_eps(torch.ones(1), torch.ones(1), torch.ones(1), s_t, s_i)), 1.0)
+
+
+def test_end_run_warns_only_when_the_instruction_never_matched(parts, caplog):
+    model, _inst, hook = make(parts)
+    before, after = data(n=1)
+    t = torch.tensor([300])
+    hook.reset_counts()
+    assert hook.end_run() is None                       # no calls at all: nothing to say
+    with torch.no_grad():
+        model(after, t, before, True)
+    with caplog.at_level("WARNING", logger="photoops.instructbrush"):
+        assert hook.end_run() is None                   # P0's conditioning matched
+    assert not caplog.records
+    hook.reset_counts()
+    with torch.no_grad():
+        model(after, t, before, False)                  # an unconditional-only call is a miss, not a failure
+        model(after, t, before, True)
+    assert hook.misses > 0 and hook.end_run() is None
+    hook.reset_counts()
+    model.cond = parts["other"]                         # user changed the prompt after Apply
+    try:
+        with torch.no_grad():
+            model(after, t, before, True)
+        with caplog.at_level("WARNING", logger="photoops.instructbrush"):
+            msg = hook.end_run()
+    finally:
+        model.cond = parts["cond"]
+    assert msg and "never applied" in msg and repr(PROMPT) in msg
+    assert [r.getMessage() for r in caplog.records] == [msg]
+
+
+def test_timestep_weights_and_lr_schedule():
+    ac = VPSchedule.scaled_linear().alphas_cumprod.float()
+    t = torch.tensor([0, 100, 500, 900, 999])
+    assert torch.equal(ib.timestep_weights(t, ac, "eps"), torch.ones(5))
+    w = ib.timestep_weights(t, ac, "inv_snr", weight_max=50.0)
+    a = ac.double()[t]
+    assert torch.allclose(w.double(), ((1 - a) / a).clamp(1, 50), rtol=1e-6)
+    assert float(w[0]) == 1.0 and float(w[-1]) == 50.0 and bool((w[1:] >= w[:-1]).all())
+    with pytest.raises(ValueError, match="weighting"):
+        ib.timestep_weights(t, ac, "snr")
+    assert ib.lr_at(7, 10, 0.1) == 0.1
+    assert [round(ib.lr_at(s, 10, 0.1, "cosine"), 6) for s in (0, 5, 10)] == [0.1, 0.05, 0.0]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ib.lr_at(0, 10, 0.1, "linear")
+
+
+def test_learn_t_range_and_weighting_reach_the_loss(parts):
+    model, inst, _ = make(parts)
+    before, after = data(n=2)
+    ac = parts["sched"].alphas_cumprod.float()
+    seen = []
+
+    def spy(zt, t, image, text):
+        seen.extend(int(x) for x in t)
+        return model(zt, t, image, text)
+
+    res = ib.learn(inst, spy, before, after, ac, steps=6, lr=1e-2, seed=0, batch_size=5, t_range=(600, 610))
+    assert sorted(seen[:10]) == list(range(600, 610)) and all(600 <= x < 610 for x in seen)
+    # weighted loss = mean_i w(t_i) mse_i: with every t in a range where 1/snr > 1 it differs from plain
+    m2, i2, _ = make(parts)
+    r2 = ib.learn(i2, m2, before, after, ac, steps=1, lr=1e-2, seed=0, batch_size=5, t_range=(900, 910),
+                  weighting="inv_snr")
+    m3, i3, _ = make(parts)
+    r3 = ib.learn(i3, m3, before, after, ac, steps=1, lr=1e-2, seed=0, batch_size=5, t_range=(900, 910))
+    w = ib.timestep_weights(torch.arange(900, 910), ac, "inv_snr")
+    assert float(w.min()) > 5 and r2.losses[0] > 5 * r3.losses[0]
+    assert res.steps_done == 6
+    for bad in ((500, 400), (-1, 10), (0, 2000)):
+        with pytest.raises(ValueError, match="t_range"):
+            ib.learn(inst, model, before, after, ac, steps=1, t_range=bad)
+
+
+def test_resume_with_cosine_schedule_gives_the_same_gamma(parts):
+    before, after = data(n=2)
+    ac = parts["sched"].alphas_cumprod.float()
+    kw = {"steps": 4, "lr": 1e-2, "seed": 3, "lr_schedule": "cosine", "weighting": "inv_snr", "batch_size": 2}
+    model, full, _ = make(parts)
+    ib.learn(full, model, before, after, ac, **kw)
+
+    def stop_at_2(step, loss, inst):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    model, part, _ = make(parts)
+    with pytest.raises(KeyboardInterrupt):
+        ib.learn(part, model, before, after, ac, callback=stop_at_2, **kw)
+    state = part._optimizer.state_dict()
+    ib.learn(part, model, before, after, ac, start_step=2, optimizer_state=state, **kw)
+    for a, b in zip(full.parameters(), part.parameters()):
+        assert torch.equal(a, b)
+    model, const, _ = make(parts)
+    ib.learn(const, model, before, after, ac, **{**kw, "lr_schedule": "constant"})
+    assert any(not torch.equal(a, b) for a, b in zip(full.parameters(), const.parameters()))
