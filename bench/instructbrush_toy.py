@@ -24,7 +24,9 @@ pixel classifier) plus 0.3 x its scorer-read shape (3 dims); a phrase (a colour 
 embeds as the matching unit vector. Phrases are joined with a space (toy prompts hold 16 tokens).
 
 Metrics: ``success`` = the scorer reads the target scene's fg colour, shape and background from
-the output (3x3-blurred); ``preserve`` = mean |output - before| over the pixels the edit must keep
+the output (3x3-blurred); split into ``changed`` = the attributes the edit changes are read as the
+target's (the transformation itself) and ``kept`` = the others (shape, and the background for
+``blue``) are read as the before photo's; ``preserve`` = mean |output - before| over the pixels the edit must keep
 (background for ``blue``; none for the compound effect); ``target_mae`` = mean |output - exact
 after image| over all pixels ([-1, 1] scale).
 
@@ -83,11 +85,22 @@ def scenes_for(edit: Edit, n: int, seed: int):
     return out
 
 
+def attribute_rates(outputs: torch.Tensor, targets: list, edit: Edit) -> dict:
+    """``changed``: fraction of outputs whose edited attributes read as the target's; ``kept``: whose
+    other attributes (shape, unedited colour) do (scorer on the 3x3-blurred output, as ``success``)."""
+    changed = [a for a in ("fg", "bg") if getattr(edit, a) is not None]
+    kept = [a for a in ("fg", "shape", "bg") if a not in changed]
+    sc = score_batch(outputs.float().clamp(-1, 1), blur=True)
+    ok = lambda attrs: sum(all(r[a] == getattr(t, a) for a in attrs) for r, t in zip(sc, targets)) / len(targets)
+    return {"changed": ok(changed), "kept": ok(kept)}
+
+
 def learn_kwargs(args) -> dict:
     """The :func:`kernels.instructbrush.learn` settings of the bench flags."""
     return {"steps": args.learn_steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch,
             "weighting": args.weighting, "weight_max": args.weight_max, "lr_schedule": args.lr_schedule,
-            "t_range": tuple(args.t_range) if args.t_range else None}
+            "t_range": tuple(args.t_range) if args.t_range else None,
+            "loss_on_guided_prediction": args.guided_loss, "guidance": (args.s_text, args.s_image)}
 
 
 def run_effect(model, name: str, args) -> dict:
@@ -123,14 +136,17 @@ def run_effect(model, name: str, args) -> dict:
 
     res = {"p0": p0, "tii": {k: tii[k] for k in ("px", "py")}, "pairs": args.pairs, "n": args.n}
     t0 = time.time()
-    res["text"] = edit_metrics(sample(model.encode_prompts([eff["text"]]), False), test, targets, edits)
+    def metrics(out):
+        return {**edit_metrics(out, test, targets, edits), **attribute_rates(out, targets, edit)}
+
+    res["text"] = metrics(sample(model.encode_prompts([eff["text"]]), False))
     res["text"]["prompt"] = eff["text"]
-    res["init"] = edit_metrics(sample(cond, True), test, targets, edits)
+    res["init"] = metrics(sample(cond, True))
     hook.reset_counts()
     t1 = time.time()
     out = ib.learn(inst, pred, before, after, model.scheduler.alphas_cumprod.float(), **learn_kwargs(args))
     learn_s = time.time() - t1
-    res["learned"] = edit_metrics(sample(cond, True), test, targets, edits)
+    res["learned"] = metrics(sample(cond, True))
     res["learn"] = {**{k: v for k, v in learn_kwargs(args).items() if k != "seed"}, "time_ranges": args.time_ranges,
                     "params": inst.n_params(), "seconds": round(learn_s, 1),
                     "loss_first10": sum(out.losses[:10]) / len(out.losses[:10]),
@@ -155,6 +171,8 @@ def main(argv=None):
                     help="per-timestep loss weights (kernels.instructbrush.timestep_weights)")
     ap.add_argument("--weight-max", type=float, default=50.0)
     ap.add_argument("--lr-schedule", choices=ib.LR_SCHEDULES, default="constant")
+    ap.add_argument("--guided-loss", action="store_true",
+                    help="loss on the guided 3-branch prediction with the sampler's --s-text/--s-image (VISII variant)")
     ap.add_argument("--t-range", type=int, nargs=2, metavar=("LO", "HI"), help="learn on timesteps LO..HI-1 only")
     ap.add_argument("--time-ranges", type=int, default=1)
     ap.add_argument("--init-prompt", default="", help="use this P0 instead of TII's (e.g. the plain text)")
@@ -171,14 +189,15 @@ def main(argv=None):
     results = {"args": vars(args), "effects": {}}
     print(f"toy IP2P {args.model}; {args.pairs} pairs; {args.n} held-out photos; DDIM {args.steps}, "
           f"s_T {args.s_text}, s_I {args.s_image}; learn {args.learn_steps} steps lr {args.lr} j={args.time_ranges}")
-    print(f"{'effect':15s} {'arm':8s} {'success':>8s} {'preserve':>9s} {'target':>7s}  instruction")
+    print(f"{'effect':15s} {'arm':8s} {'success':>8s} {'changed':>8s} {'kept':>6s} {'preserve':>9s} {'target':>7s}  instruction")
     for name in args.effects:
         r = run_effect(model, name, args)
         results["effects"][name] = r
         for arm in ("text", "init", "learned"):
             m = r[arm]
             instr = r["text"]["prompt"] if arm == "text" else r["p0"] + (" (+learned K/V)" if arm == "learned" else "")
-            print(f"{name:15s} {arm:8s} {m['success']:8.3f} {m['preserve_mae']:9.4f} {m['target_mae']:7.4f}  {instr}")
+            print(f"{name:15s} {arm:8s} {m['success']:8.3f} {m['changed']:8.3f} {m['kept']:6.3f} {m['preserve_mae']:9.4f} "
+                  f"{m['target_mae']:7.4f}  {instr}")
         print(f"{'':15s} learn: {r['learn']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
