@@ -147,6 +147,10 @@ def run_effect(model, name: str, args) -> dict:
     out = ib.learn(inst, pred, before, after, model.scheduler.alphas_cumprod.float(), **learn_kwargs(args))
     learn_s = time.time() - t1
     res["learned"] = metrics(sample(cond, True))
+    for st in args.strengths:          # Instruction Apply's strength: K_0 + s (gamma - K_0)
+        hook.strength = float(st)
+        res[f"learned@{st:g}"] = metrics(sample(cond, True))
+    hook.strength = 1.0
     res["learn"] = {**{k: v for k, v in learn_kwargs(args).items() if k != "seed"}, "time_ranges": args.time_ranges,
                     "params": inst.n_params(), "seconds": round(learn_s, 1),
                     "loss_first10": sum(out.losses[:10]) / len(out.losses[:10]),
@@ -178,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--init-prompt", default="", help="use this P0 instead of TII's (e.g. the plain text)")
     ap.add_argument("--r", type=int, default=5)
     ap.add_argument("--eta", type=float, default=0.15)
+    ap.add_argument("--strengths", type=float, nargs="*", default=[],
+                    help="also apply the learned instruction at these strengths (arms learned@S)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
@@ -189,14 +195,14 @@ def main(argv=None):
     results = {"args": vars(args), "effects": {}}
     print(f"toy IP2P {args.model}; {args.pairs} pairs; {args.n} held-out photos; DDIM {args.steps}, "
           f"s_T {args.s_text}, s_I {args.s_image}; learn {args.learn_steps} steps lr {args.lr} j={args.time_ranges}")
-    print(f"{'effect':15s} {'arm':8s} {'success':>8s} {'changed':>8s} {'kept':>6s} {'preserve':>9s} {'target':>7s}  instruction")
+    print(f"{'effect':15s} {'arm':12s} {'success':>8s} {'changed':>8s} {'kept':>6s} {'preserve':>9s} {'target':>7s}  instruction")
     for name in args.effects:
         r = run_effect(model, name, args)
         results["effects"][name] = r
-        for arm in ("text", "init", "learned"):
+        for arm in ("text", "init", "learned", *[f"learned@{st:g}" for st in args.strengths]):
             m = r[arm]
-            instr = r["text"]["prompt"] if arm == "text" else r["p0"] + (" (+learned K/V)" if arm == "learned" else "")
-            print(f"{name:15s} {arm:8s} {m['success']:8.3f} {m['changed']:8.3f} {m['kept']:6.3f} {m['preserve_mae']:9.4f} "
+            instr = r["text"]["prompt"] if arm == "text" else r["p0"] + (" (+learned K/V)" if arm != "init" else "")
+            print(f"{name:15s} {arm:12s} {m['success']:8.3f} {m['changed']:8.3f} {m['kept']:6.3f} {m['preserve_mae']:9.4f} "
                   f"{m['target_mae']:7.4f}  {instr}")
         print(f"{'':15s} learn: {r['learn']}")
     if args.json:
