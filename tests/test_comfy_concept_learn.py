@@ -25,19 +25,11 @@ def env(tmp_path_factory):
     """The fixture model; a temp output directory, so the node writes <tmp>/embeddings (searched alone)."""
     model, clip, vae, _ = inprocess.load_fixture(vae=True)
     out_dir = tmp_path_factory.mktemp("output")
-    old_out = folder_paths.get_output_directory()
-    old = folder_paths.folder_names_and_paths.get("embeddings")
-    folder_paths.set_output_directory(str(out_dir))
-    folder_paths.folder_names_and_paths["embeddings"] = ([], {".safetensors", ".pt", ".bin"})
-    emb_dir = ca.embeddings_dir()
-    assert emb_dir == str(out_dir / "embeddings")
-    assert folder_paths.get_folder_paths("embeddings") == [emb_dir]
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(2, 64, 80, 3, generator=g)
-    yield {"model": model, "clip": clip, "vae": vae, "dir": emb_dir, "images": images}
-    folder_paths.set_output_directory(old_out)
-    if old is not None:
-        folder_paths.folder_names_and_paths["embeddings"] = old
+    images = torch.rand(2, 64, 80, 3, generator=torch.Generator().manual_seed(0))
+    with inprocess.private_embeddings_output(out_dir) as emb_dir:
+        assert emb_dir == str(out_dir / "embeddings")
+        assert folder_paths.get_folder_paths("embeddings") == [emb_dir]
+        yield {"model": model, "clip": clip, "vae": vae, "dir": emb_dir, "images": images}
 
 
 def _run(env, names="cl_aa, cl_bb", words="dog, room", steps=2, images=None, **kw):

@@ -19,7 +19,6 @@ inprocess.require("test_comfy_concept_learn_sdxl")
 import comfy.samplers
 import comfy.sd
 import comfy.utils
-import folder_paths
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 from comfy_harness.pops_fixtures import cached_pops_fixtures
 from comfy_harness.tiny_clip import tiny_sd1_clip, tiny_sd2_clip, tiny_sdxl_clip
@@ -38,17 +37,9 @@ def env(tmp_path_factory):
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(files["vae"][0])))
     assert type(unet.model).__name__ == "SDXL" and unet.model.adm_channels == 2816
     clip = tiny_sdxl_clip()
-    out_dir = tmp_path_factory.mktemp("output")
-    old_out = folder_paths.get_output_directory()
-    old = folder_paths.folder_names_and_paths.get("embeddings")
-    folder_paths.set_output_directory(str(out_dir))
-    folder_paths.folder_names_and_paths["embeddings"] = ([], {".safetensors", ".pt", ".bin"})
-    emb_dir = ca.embeddings_dir()
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    yield {"model": unet, "clip": clip, "vae": vae, "dir": emb_dir, "images": images}
-    folder_paths.set_output_directory(old_out)
-    if old is not None:
-        folder_paths.folder_names_and_paths["embeddings"] = old
+    with inprocess.private_embeddings_output(tmp_path_factory.mktemp("output")) as emb_dir:
+        yield {"model": unet, "clip": clip, "vae": vae, "dir": emb_dir, "images": images}
 
 
 def _run(env, names, words, model=None, clip=None, steps=2, **kw):

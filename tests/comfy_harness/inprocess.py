@@ -25,3 +25,30 @@ def load_fixture(seed: int = 0, vae: bool = False):
     model, clip, v, _ = comfy.sd.load_checkpoint_guess_config(str(info["path"]), output_vae=vae, output_clip=True,
                                                               embedding_directory=None)
     return model, clip, v, info
+
+
+class private_embeddings_output:
+    """For the ``with`` block: ComfyUI's output directory is ``out_dir`` and the only embeddings folder
+    is ``<out_dir>/embeddings`` (what Concept Learn writes and ``embedding:NAME`` searches); both
+    settings are restored afterwards.  ``as`` gives the embeddings folder."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def __enter__(self) -> str:
+        import folder_paths
+        from photoops.nodes import comfy_adapter as ca
+
+        self.old_out = folder_paths.get_output_directory()
+        self.old = folder_paths.folder_names_and_paths.get("embeddings")
+        folder_paths.set_output_directory(self.out_dir)
+        folder_paths.folder_names_and_paths["embeddings"] = ([], {".safetensors", ".pt", ".bin"})
+        return ca.embeddings_dir()
+
+    def __exit__(self, *exc):
+        import folder_paths
+
+        folder_paths.set_output_directory(self.old_out)
+        if self.old is not None:
+            folder_paths.folder_names_and_paths["embeddings"] = self.old
+        return False
