@@ -5,9 +5,9 @@ the graph-keeping denoiser live in ``comfy_adapter`` (ConceptLearn section).  Ea
 becomes ``<output>/embeddings/<name>.safetensors`` with one ``emb_params`` tensor ``[m, d]``
 (SD1.x / SD2.x, spec §8.2) or, for SDXL, ``clip_l [m, 768]`` + ``clip_g [m, 1280]`` (the keys
 ComfyUI's SDXL tokenizers read; one concept vector is both rows, trained jointly through both
-encoders, the pooled clip_g output and SDXL's size conditioning).  That folder is registered as an embeddings folder (as ComfyUI registers
-``output/loras`` for its trainer), so the file is usable at once as ``embedding:<name>`` in any
-prompt (ComfyUI reads embedding files at every tokenisation); copy it to ``models/embeddings``
+encoders, the pooled clip_g output and SDXL's size conditioning).  That folder is registered
+as an embeddings folder (as ComfyUI registers ``output/loras`` for its trainer), so the file is
+usable at once as ``embedding:<name>`` in any prompt (ComfyUI reads embedding files at every tokenisation); copy it to ``models/embeddings``
 or another UI's folder to share it.  (The spec says "the first embeddings folder"; we write
 under the output directory like every other PhotoOps save node and ComfyUI's own trainer [D].)
 """
@@ -117,7 +117,8 @@ class ConceptLearnNode(io.ComfyNode):
                         "tokens' cross-attention. Saves each concept as a standard embedding file; use it as "
                         "embedding:NAME in any prompt (files in output/embeddings). SD1.x / SD2.x / SDXL models.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL model, eps or v-prediction (cloned; its weights stay frozen)."),
+                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL model, eps or v-prediction (cloned; its "
+                                                "weights stay frozen)."),
                 io.Clip.Input("clip", tooltip="The same checkpoint's CLIP. Its clip-skip setting is used for "
                                               "training; generate with the same setting."),
                 io.Vae.Input("vae", tooltip="Encodes the photos once."),
@@ -141,7 +142,8 @@ class ConceptLearnNode(io.ComfyNode):
                              tooltip="Seeds timesteps, noise, concept subsets and flips; same inputs + seed = "
                                      "same embedding."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
-                             tooltip="Training resolution in pixels (512 for SD1.5, 768 for SD2.x-768, 1024 for SDXL)."),
+                             tooltip="Training resolution in pixels (512 for SD1.5, 768 for SD2.x-768, 1024 for "
+                                     "SDXL)."),
                 io.Float.Input("lambda_attn", default=0.01, min=0.0, max=1.0, step=0.001, optional=True,
                                tooltip="Weight of the attention loss (cross-attention of each token vs its mask)."),
                 io.Int.Input("vectors_per_token", default=1, min=1, max=8, optional=True,
@@ -262,8 +264,9 @@ class ConceptLearnNode(io.ComfyNode):
                 tag = f"{step}" if reason == "periodic" else f"interrupted-{step}"
                 for k, n in enumerate(names):
                     path = os.path.join(edir, CHECKPOINT_SUBDIR, f"{n}-{tag}.safetensors")
-                    ca.save_concept_embedding(path, text.file_tensors(vectors[k]), {**meta_base, "concept": n, "init_word": words[k],
-                                                                 "step": step, "checkpoint": reason})
+                    ca.save_concept_embedding(path, text.file_tensors(vectors[k]),
+                                              {**meta_base, "concept": n, "init_word": words[k], "step": step,
+                                               "checkpoint": reason})
                 if reason != "periodic":
                     logging.warning("Concept Learn stopped at step %d; checkpoint %s", step,
                                     os.path.join(edir, CHECKPOINT_SUBDIR, f"{names[0]}-{tag}.safetensors"))
@@ -275,8 +278,9 @@ class ConceptLearnNode(io.ComfyNode):
                                          checkpoint=checkpoint)
             pbar.update_absolute(total, total)
             for k, n in enumerate(names):
-                ca.save_concept_embedding(final[n], text.file_tensors(res.vectors[k]), {**meta_base, "concept": n, "init_word": words[k],
-                                                                     "step": res.steps_done, "checkpoint": "final"})
+                ca.save_concept_embedding(final[n], text.file_tensors(res.vectors[k]),
+                                          {**meta_base, "concept": n, "init_word": words[k],
+                                           "step": res.steps_done, "checkpoint": "final"})
             masks = F.interpolate(res.masks.float(), size=(resolution, resolution), mode="nearest")
             save_mask_cache(cache_file, masks, res.losses)
             return cls._outputs(clip, imgs, masks, names, res.losses)
