@@ -8,8 +8,8 @@ ComfyUI's SDXL tokenizers read; one concept vector is both rows, trained jointly
 encoders, the pooled clip_g output and SDXL's size conditioning).  That folder is registered
 as an embeddings folder (as ComfyUI registers ``output/loras`` for its trainer), so the file is
 usable at once as ``embedding:<name>`` in any prompt (ComfyUI reads embedding files at every
-tokenisation); copy it to ``models/embeddings`` or another UI's folder to share it.  (The spec says "the first embeddings folder"; we write
-under the output directory like every other PhotoOps save node and ComfyUI's own trainer [D].)
+tokenisation); copy it to ``models/embeddings`` or another UI's folder to share it.  (The spec
+says "the first embeddings folder"; we write under the output directory like every other PhotoOps save node and ComfyUI's own trainer [D].)
 """
 from __future__ import annotations
 
