@@ -1,15 +1,16 @@
 """Concept Learn: concept tokens + masks from a few photos, saved as standard embeddings (issue 7).
 
-Runs the EM kernel (``kernels/concept_learn.py``) on the ComfyUI model: the text side and
-the graph-keeping denoiser live in ``comfy_adapter`` (ConceptLearn section).  Each concept
-becomes ``<output>/embeddings/<name>.safetensors`` with one ``emb_params`` tensor ``[m, d]``
-(SD1.x / SD2.x, spec §8.2) or, for SDXL, ``clip_l [m, 768]`` + ``clip_g [m, 1280]`` (the keys
-ComfyUI's SDXL tokenizers read; one concept vector is both rows, trained jointly through both
-encoders, the pooled clip_g output and SDXL's size conditioning).  That folder is registered
-as an embeddings folder (as ComfyUI registers ``output/loras`` for its trainer), so the file is
-usable at once as ``embedding:<name>`` in any prompt (ComfyUI reads embedding files at every
-tokenisation); copy it to ``models/embeddings`` or another UI's folder to share it.  (The spec
-says "the first embeddings folder"; we write under the output directory like every other PhotoOps save node and ComfyUI's own trainer [D].)
+Runs the EM kernel (``kernels/concept_learn.py``) on the ComfyUI model: the text side and the
+graph-keeping denoiser live in ``comfy_adapter`` (ConceptLearn section). Each concept becomes
+``<output>/embeddings/<name>.safetensors`` with one ``emb_params`` tensor ``[m, d]`` (SD1.x /
+SD2.x, spec §8.2) or, for SDXL, ``clip_l [m, 768]`` + ``clip_g [m, 1280]`` (the keys ComfyUI's
+SDXL tokenizers read; one concept vector is both rows, trained jointly through both encoders,
+the pooled clip_g output and SDXL's size conditioning). That folder is registered as an
+embeddings folder (as ComfyUI registers ``output/loras`` for its trainer), so the file is usable
+at once as ``embedding:<name>`` in any prompt (ComfyUI reads embedding files at every
+tokenisation); copy it to ``models/embeddings`` or another UI's folder to share it. (The spec
+says "the first embeddings folder"; we write under the output directory like every other
+PhotoOps save node and ComfyUI's own trainer [D].)
 """
 from __future__ import annotations
 
