@@ -456,12 +456,11 @@ class ComfyConceptText:
     def __init__(self, clip):
         self.clip = clip
         self.parts = concept_clip_parts(clip)
-        self.sub, self.key, self.tok = self.parts[0].model, self.parts[0].key, self.parts[0].tok
         self.subs = [p.model for p in self.parts]
         self.widths = [p.width for p in self.parts]
         self.width = sum(self.widths)
         self.pooled = len(self.parts) > 1
-        self.max_length = int(getattr(self.tok, "max_length", 77))
+        self.max_length = int(getattr(self.parts[0].tok, "max_length", 77))
 
     def _ids(self, text: str) -> list:
         if not text.strip():
