@@ -75,13 +75,13 @@ def _comfy_setup(capture, layers="lowres"):
         _COMFY.update(model=m, clip=clip,
                       pos=clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a red circle")),
                       neg=clip.encode_from_tokens_scheduled(clip.tokenize("")))
-    from photoops.nodes import comfy_adapter as ca
+    from photoops.nodes.comfy.attention import attach_attention_hooks
 
     model = _COMFY["model"]
     rec = None
     if capture:
         rec = TokenMapRecorder([5], prompt_len=77, layers=layers)
-        model = ca.attach_attention_hooks(model, AttentionHooks([rec]), on_run_start=rec.reset)
+        model = attach_attention_hooks(model, AttentionHooks([rec]), on_run_start=rec.reset)
     return model, rec
 
 

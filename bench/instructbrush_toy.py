@@ -45,6 +45,7 @@ import_pack()
 sys.path.insert(0, str(ROOT))                      # tools.toyworld
 import torch
 from photoops.kernels import instructbrush as ib
+from photoops.kernels.instructbrush_diffusers import DiffusersIP2P
 from photoops.kernels.attention import AttentionHooks
 from photoops.kernels.schedule import VPSchedule
 
@@ -122,7 +123,7 @@ def run_effect(model, name: str, args) -> dict:
     cond, uncond = model.encode_prompts([p0]), model.encode_prompts([""])
     sched = VPSchedule(model.scheduler.alphas_cumprod.double())
     hooks = AttentionHooks()
-    pred = ib.DiffusersIP2P(model.unet, cond, uncond, hooks, schedule=sched)
+    pred = DiffusersIP2P(model.unet, cond, uncond, hooks, schedule=sched)
     k0, v0 = pred.capture(ib.prompt_positions(len(tok)))
     inst = ib.LearnedInstruction(p0, ib.prompt_positions(len(tok)), k0, v0, time_ranges=args.time_ranges)
     hook = ib.InstructionHook(inst, schedule=sched)

@@ -29,8 +29,9 @@ Pieces
 * :func:`transformation_oriented_init` — TII (§5, IB4-IB6) on CLIP-like embeddings.
 
 Model access is through small callables (``predict_eps``) so the same code runs on a diffusers
-UNet (:class:`DiffusersIP2P`, tests and the toy benchmark) and on a ComfyUI model
-(``nodes/comfy_adapter.py``).
+UNet (``instructbrush_diffusers.DiffusersIP2P``, tests and the toy benchmark) and on a ComfyUI
+model (``nodes/comfy/ip2p.py``).  :func:`save_checkpoint` / :func:`load_checkpoint` keep a
+resumable run (gamma + the AdamW state) in one file.
 """
 from __future__ import annotations
 
@@ -43,16 +44,19 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttentionHook
+from .files import read_safetensors, save_safetensors_atomic
 from .protocol import CallInfo
 
 __all__ = [
     "FORMAT",
-    "DiffusersIP2P",
     "InstructionHook",
     "KVCapture",
     "LearnResult",
     "LearnedInstruction",
+    "CheckpointMismatch",
     "check_pairs",
+    "load_checkpoint",
+    "save_checkpoint",
     "diffusion_loss",
     "instruction_template",
     "ip2p_guided_eps",
@@ -156,9 +160,8 @@ class LearnedInstruction(torch.nn.Module):
                 "meta": json.dumps(self.meta, sort_keys=True)}
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.to_tensors(), path, metadata=self.metadata())
+        """Write the instruction file atomically, with a content checksum (``kernels/files.py``)."""
+        save_safetensors_atomic(path, self.to_tensors(), self.metadata())
 
     @classmethod
     def from_tensors(cls, tensors: dict, metadata: dict) -> LearnedInstruction:
@@ -180,12 +183,9 @@ class LearnedInstruction(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str) -> LearnedInstruction:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            md = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        return cls.from_tensors(tensors, md)
+        """Read an instruction file; a file whose checksum does not match raises :class:`~.files.ChecksumError`."""
+        tensors, md = read_safetensors(path)
+        return cls.from_tensors({k: v for k, v in tensors.items() if not k.startswith("adam.")}, md)
 
     def check_layers(self, widths: Sequence[int]) -> None:
         """Raise unless the model's cross-attention widths (forward order) match the learned ones."""
@@ -471,6 +471,70 @@ def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after,
     return LearnResult(instruction, losses, step)
 
 
+# ----------------------------------------------------------------------------- resumable checkpoints
+class CheckpointMismatch(ValueError):
+    """A checkpoint made with other settings, pairs or initial instruction (not resumable)."""
+
+
+#: Settings that may change between an interrupted run and its resumption: the sample schedule
+#: is a pure function of (seed, step), so only the number of steps still to run differs.
+RESUMABLE_CHANGES = ("steps",)
+
+
+def save_checkpoint(path: str, instruction: LearnedInstruction, settings: dict, step: int,
+                    optimizer_state: dict | None = None) -> None:
+    """One resumable file: gamma (the instruction file's tensors), the AdamW state and ``settings``.
+
+    ``optimizer_state`` defaults to the optimiser :func:`learn` is running (``instruction._optimizer``).
+    Written atomically with a checksum, so an interrupt while saving leaves the previous checkpoint.
+    """
+    tensors = instruction.to_tensors()
+    if optimizer_state is None:
+        opt = getattr(instruction, "_optimizer", None)
+        optimizer_state = opt.state_dict() if opt is not None else None
+    meta = instruction.metadata()
+    meta.update(partial_step=str(int(step)), settings=json.dumps(settings, sort_keys=True))
+    if optimizer_state is not None:
+        for i, st in optimizer_state["state"].items():
+            for k, v in st.items():
+                v = torch.as_tensor(v).detach().float().cpu()
+                tensors[f"adam.{i}.{k}"] = v.reshape(-1) if k == "step" else v.contiguous()
+        meta["adam_groups"] = json.dumps(optimizer_state["param_groups"])
+    save_safetensors_atomic(path, tensors, meta)
+
+
+def load_checkpoint(path: str, instruction: LearnedInstruction, settings: dict) -> tuple:
+    """Copy a checkpoint's gamma into ``instruction``; returns ``(step, optimizer_state or None)``.
+
+    Raises :class:`CheckpointMismatch` when the checkpoint was made with other settings (those in
+    :data:`RESUMABLE_CHANGES` aside), pairs or initial instruction, and
+    :class:`~.files.ChecksumError` when its bytes were altered.
+    """
+    tensors, meta = read_safetensors(path)
+    saved = json.loads(meta.get("settings", "{}"))
+    want = json.loads(json.dumps(settings, sort_keys=True))
+    for k in RESUMABLE_CHANGES:
+        saved.pop(k, None)
+        want.pop(k, None)
+    if saved != want or meta.get("prompt") != instruction.prompt:
+        diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        raise CheckpointMismatch(f"{path} was made with other settings, pairs or instruction "
+                                 f"({', '.join(diff) or 'prompt'} differ)")
+    loaded = LearnedInstruction.from_tensors({k: v for k, v in tensors.items() if not k.startswith("adam.")}, meta)
+    with torch.no_grad():
+        for p, q in zip(instruction.parameters(), loaded.parameters()):
+            p.copy_(q)
+    opt = None
+    if "adam_groups" in meta:
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith("adam."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+        opt = {"state": state, "param_groups": json.loads(meta["adam_groups"])}
+    return int(meta["partial_step"]), opt
+
+
 # ----------------------------------------------------------------------------- TII
 def instruction_template(px: str, py: str) -> str:
     """§5 step 6: ``turn {P_x} into {P_y}``; ``make it {P_y}`` without P_x [ours]; "" without P_y."""
@@ -528,85 +592,6 @@ def transformation_oriented_init(phrases: Sequence[str], phrase_emb, before_emb,
     px, py = joiner.join(bx), joiner.join(by)
     return {"prompt": template(px, py), "px": px, "py": py, "before_phrases": bx, "after_phrases": by,
             "scores_x": sc_x.float(), "scores_y": sc_y.float()}
-
-
-# ----------------------------------------------------------------------------- diffusers adapter
-class DiffusersIP2P:
-    """``predict_eps`` over a diffusers InstructPix2Pix ``UNet2DConditionModel`` with hooks.
-
-    ``cond`` / ``uncond``: text features [1, L, D] of P0 and of the empty prompt. Calls are
-    ``unet(cat([z_t, image]), t, text)``; ``image=None`` is the zero image. The hook registry's
-    CallInfo carries the timestep (``extra["timestep"]``) for the time-aware copies: rows are
-    batched per ``range_fn(t)`` (default: per distinct t; pass ``instruction.range_of`` to batch
-    all rows of one time range in one call).
-    """
-
-    def __init__(self, unet, cond, uncond, hooks, schedule=None, range_fn: Callable | None = None):
-        from .diffusers_adapter import install_attention_hooks
-
-        self.unet, self.cond, self.uncond, self.hooks = unet, cond, uncond, hooks
-        self.holder = install_attention_hooks(unet, hooks)
-        self.schedule = schedule
-        self.range_fn = range_fn or (lambda t: t)
-
-    def _ensure_installed(self):
-        """Re-install our processors if another adapter took over the same UNet since."""
-        from .diffusers_adapter import install_attention_hooks
-
-        procs = self.unet.attn_processors
-        if not any(getattr(p, "holder", None) is self.holder for p in procs.values()):
-            self.holder = install_attention_hooks(self.unet, self.hooks)
-
-    def __call__(self, zt, t, image, text: bool):
-        self._ensure_installed()
-        b = zt.shape[0]
-        img = torch.zeros_like(zt[:, : self.image_channels]) if image is None else image
-        ctx = (self.cond if text else self.uncond).expand(b, -1, -1)
-        t = torch.as_tensor(t).reshape(-1).expand(b)
-        # one call per time range (``range_fn``), so the time-aware copy is exact for every row
-        groups = {}
-        for i, tv in enumerate(t.tolist()):
-            groups.setdefault(self.range_fn(tv), []).append(i)
-        if len(groups) == 1:
-            return self._call(zt, t, img, ctx)
-        outs = torch.empty_like(zt)
-        for rows in groups.values():
-            sel = torch.tensor(rows)
-            outs = outs.index_copy(0, sel, self._call(zt[sel], t[sel], img[sel], ctx[sel]).to(outs.dtype))
-        return outs
-
-    def _call(self, zt, t, img, ctx):
-        t0 = float(t[0])
-        self.holder.call = CallInfo(sigma=float(self.schedule.sigma(t0)) if self.schedule is not None else 0.0,
-                                    chunks=[0], rows_per_chunk=zt.shape[0], latent_hw=tuple(zt.shape[-2:]),
-                                    extra={"timestep": t0})
-        try:
-            return self.unet(torch.cat([zt, img], 1), t, ctx).sample
-        finally:
-            self.holder.call = None
-
-    @property
-    def image_channels(self) -> int:
-        return self.unet.config.in_channels - self.unet.config.out_channels
-
-    def layers(self):
-        from .diffusers_adapter import cross_attention_layers
-
-        return cross_attention_layers(self.unet)
-
-    def capture(self, positions: Sequence[int]) -> tuple:
-        """(k0, v0) of P0's tokens ``positions`` in every layer: one forward with a KVCapture hook."""
-        cap = KVCapture(positions)
-        self.hooks.add(cap)
-        try:
-            with torch.no_grad():
-                c = self.unet.config
-                h = w = c.sample_size
-                z = torch.zeros(1, c.out_channels, h, w)
-                self(z, torch.tensor([0]), None, True)
-        finally:
-            self.hooks.remove(cap)
-        return cap.k, cap.v
 
 
 def prompt_positions(n_tokens: int) -> list:

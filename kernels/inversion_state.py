@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from .files import ChecksumError, read_safetensors, save_safetensors_atomic
 
 __all__ = ["Inversion", "InversionFileError", "InversionMismatchError", "save_inversion", "load_inversion",
            "METHODS", "FORMAT_VERSION"]
@@ -121,9 +122,7 @@ def _short(s: torch.Tensor) -> str:
 
 
 def save_inversion(inv: Inversion, path) -> str:
-    """Write ``inv`` to ``path`` (``.safetensors``) atomically; returns the path."""
-    from safetensors.torch import save_file
-
+    """Write ``inv`` to ``path`` (``.safetensors``) atomically, with a content checksum; returns the path."""
     inv.validate()
     tensors = {"sigmas": inv.sigmas.double().cpu().contiguous(), "x_start": inv.x_start.float().cpu().contiguous()}
     if inv.noises is not None:
@@ -135,35 +134,23 @@ def save_inversion(inv: Inversion, path) -> str:
     meta = {"format_version": FORMAT_VERSION, "method": inv.method, "skip": inv.skip,
             "source_cfg": inv.source_cfg, "seed": inv.seed, "fingerprint": inv.fingerprint, "info": inv.info}
     path = str(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".inversion-", suffix=".part", dir=d)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors_atomic(path, tensors, {_META_KEY: json.dumps(meta)})
     return path
 
 
 def load_inversion(path) -> Inversion:
     """Read an inversion file; :class:`InversionFileError` on anything unexpected."""
-    from safetensors import safe_open
-
     path = str(path)
     try:
-        with safe_open(path, framework="pt") as f:
-            meta_raw = (f.metadata() or {}).get(_META_KEY)
-            if meta_raw is None:
-                raise InversionFileError(f"{os.path.basename(path)} is not a PhotoOps inversion file "
-                                         f"(no '{_META_KEY}' metadata)")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except InversionFileError:
-        raise
+        tensors, raw = read_safetensors(path)
+    except ChecksumError as e:
+        raise InversionFileError(str(e)) from e
     except Exception as e:  # safetensors raises several types on corrupt headers
         raise InversionFileError(f"cannot read {os.path.basename(path)} as an inversion: {e}") from e
+    meta_raw = raw.get(_META_KEY)
+    if meta_raw is None:
+        raise InversionFileError(f"{os.path.basename(path)} is not a PhotoOps inversion file "
+                                 f"(no '{_META_KEY}' metadata)")
     try:
         meta = json.loads(meta_raw)
     except json.JSONDecodeError as e:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .files import ChecksumError, save_safetensors_atomic, verify_checksum
 from .pops import OPERATOR_DEFAULTS, OperatorPrior, PriorConfig
 
 __all__ = [
@@ -83,15 +84,22 @@ def expected_shapes(config: PriorConfig) -> dict:
 
 
 def _read_safetensors(path: str, keys: tuple | None = None):
+    """``(tensors, metadata)``; a whole-file read checks the content checksum our files carry."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             names = list(f.keys()) if keys is None else [k for k in keys if k in set(f.keys())]
-            return {k: f.get_tensor(k) for k in names}, meta
+            tensors = {k: f.get_tensor(k) for k in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PopsFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if keys is None:
+        try:
+            verify_checksum(path, tensors, meta)
+        except ChecksumError as e:
+            raise PopsFileError(str(e)) from e
+    return tensors, meta
 
 
 def _read_pickle(path: str) -> dict:
@@ -250,10 +258,9 @@ def convert(src: str, dst: str, stats_path: str | None = None, dtype=torch.float
             name: str | None = None, num_attention_heads: int | None = None) -> dict:
     """Write one safetensors file: weights in ``dtype``, μ/σ in fp32, metadata (operator name, heads).
 
-    Written to a temporary name and renamed, so a failed conversion leaves no partial file.
+    Written atomically with a content checksum (``kernels/files.py``), so a failed conversion
+    leaves no partial file and an altered file is refused on loading.
     """
-    from safetensors.torch import save_file
-
     op = load_operator(src, stats_path, num_attention_heads)
     out = {k: v.to(dtype).contiguous() for k, v in op.state_dict.items()}
     out["clip_mean"] = op.mean.reshape(1, -1).float().contiguous()
@@ -263,11 +270,5 @@ def convert(src: str, dst: str, stats_path: str | None = None, dtype=torch.float
             "num_attention_heads": str(c.num_attention_heads), "attention_head_dim": str(c.attention_head_dim),
             "source": os.path.basename(src), "config": json.dumps(c.diffusers_kwargs())}
     dst = str(dst)
-    tmp = dst + ".partial"
-    try:
-        save_file(out, tmp, metadata=meta)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors_atomic(dst, out, meta)
     return {"path": dst, "tensors": len(out), "bytes": os.path.getsize(dst), "operator": meta["pops_operator"]}

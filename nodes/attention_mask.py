@@ -13,7 +13,9 @@ from comfy_api.latest import io
 
 from ..kernels import maps as kmaps
 from ..kernels.attention import AttentionHooks, TokenMapRecorder
-from . import comfy_adapter as ca
+from .comfy.attention import attach_attention_hooks
+from .comfy.models import ensure_supported
+from .comfy.text import tokenize_word
 
 CAPTURE = io.Custom("PHOTOOPS_ATTENTION_CAPTURE")
 VAE_FACTOR = 8  # SD1.x / SD2.x / SDXL VAEs; other families are refused by ensure_supported
@@ -68,11 +70,11 @@ class AttentionCaptureNode(io.ComfyNode):
     def execute(cls, model, clip, prompt, word, layers, start_percent, end_percent) -> io.NodeOutput:
         if end_percent <= start_percent:
             raise ValueError(f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})")
-        ca.ensure_supported(model)
-        tok = ca.tokenize_word(clip, prompt, word)
+        ensure_supported(model)
+        tok = tokenize_word(clip, prompt, word)
         recorder = TokenMapRecorder(tok["positions"], tok["prompt_len"], cond_index=0, layers=layers,
                                     steps=(start_percent, end_percent))
-        patched = ca.attach_attention_hooks(model, AttentionHooks([recorder]), on_run_start=recorder.reset)
+        patched = attach_attention_hooks(model, AttentionHooks([recorder]), on_run_start=recorder.reset)
         return io.NodeOutput(patched, AttentionCapture(recorder, word, prompt, tok["positions"]))
 
 

@@ -1,7 +1,7 @@
 """Concept Learn: concept tokens + masks from a few photos, saved as standard embeddings (issue 7).
 
 Runs the EM kernel (``kernels/concept_learn.py``) on the ComfyUI model: the text side and the
-graph-keeping denoiser live in ``comfy_adapter`` (ConceptLearn section). Each concept becomes
+graph-keeping denoiser live in ``comfy/concepts.py`` and ``comfy/training.py``. Each concept becomes
 ``<output>/embeddings/<name>.safetensors`` with one ``emb_params`` tensor ``[m, d]`` (SD1.x /
 SD2.x, spec §8.2) or, for SDXL, ``clip_l [m, 768]`` + ``clip_g [m, 1280]`` (the keys ComfyUI's
 SDXL tokenizers read; one concept vector is both rows, trained jointly through both encoders,
@@ -14,8 +14,6 @@ PhotoOps save node and ComfyUI's own trainer [D].)
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 
@@ -25,7 +23,13 @@ from comfy_api.latest import io
 
 from ..kernels import concept_learn as kcl
 from ..kernels.attention import AttentionHooks
-from . import comfy_adapter as ca
+from ..kernels.files import content_hash, read_safetensors, save_safetensors_atomic
+from .comfy.attention import attach_attention_hooks
+from .comfy.concepts import ComfyConceptText, read_concept_embedding, save_concept_embedding
+from .comfy.files import embedding_files, embedding_path, embeddings_dir, find_embedding
+from .comfy.models import context_width, ensure_supported, fingerprint, normal_weight_copies
+from .comfy.sampling import interrupt_check, progress_bar, progress_text
+from .comfy.training import ComfyGradDenoiser, encode_images_for_training
 
 CHECKPOINT_SUBDIR = "conceptlearn"
 METHOD = "conceptlearn-em"
@@ -75,30 +79,13 @@ def preview(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def _digest(*items) -> str:
-    h = hashlib.sha256()
-    for it in items:
-        if isinstance(it, torch.Tensor):
-            t = it.detach().float().cpu().contiguous()
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        else:
-            h.update(json.dumps(it, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:24]
-
-
 def save_mask_cache(path: str, masks: torch.Tensor, losses: list) -> None:
     """Final masks and losses of a run, so that an unchanged graph does not retrain (next to the checkpoints)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({"masks": masks.float().cpu().contiguous(), "loss": torch.tensor(losses, dtype=torch.float32)}, path)
+    save_safetensors_atomic(path, {"masks": masks.float(), "loss": torch.tensor(losses, dtype=torch.float32)})
 
 
 def load_mask_cache(path: str):
-    from safetensors.torch import load_file
-
-    d = load_file(path)
+    d, _ = read_safetensors(path)
     return d["masks"], d["loss"].tolist()
 
 
@@ -106,7 +93,7 @@ class ConceptLearnNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         try:
-            files = ca.embedding_files()
+            files = embedding_files()
         except Exception:  # noqa: BLE001 - folder not configured
             files = []
         return io.Schema(
@@ -194,9 +181,9 @@ class ConceptLearnNode(io.ComfyNode):
                 save_every=100, overwrite=False, init_masks=None, presence="", resume_from="none",
                 loss_region="union") -> io.NodeOutput:
         names, words = _split(concept_names), _split(init_words)
-        ca.ensure_supported(model)
-        text = ca.ComfyConceptText(clip)
-        ctx = ca.context_width(model)
+        ensure_supported(model)
+        text = ComfyConceptText(clip)
+        ctx = context_width(model)
         if ctx != text.width:
             raise ValueError(f"the CLIP gives {text.width}-wide conditioning but the model reads {ctx}: connect the "
                              f"checkpoint's own CLIP (SD1.x 768, SD2.x 1024, SDXL 768 + 1280)")
@@ -217,10 +204,10 @@ class ConceptLearnNode(io.ComfyNode):
                                     use_crf=bool(use_crf), unassigned=bool(unassigned_label), seed=int(seed),
                                     save_every=int(save_every), loss_region=str(loss_region))
             cfg.validate()
-            edir = ca.embeddings_dir()
+            edir = embeddings_dir()
             final = {n: os.path.join(edir, f"{n}.safetensors") for n in names}
-            fp = ca.fingerprint(model)
-            key = _digest(fp, text.width, imgs, masks0 if masks0 is not None else 0, P, names, words,
+            fp = fingerprint(model)
+            key = content_hash(fp, text.width, imgs, masks0 if masks0 is not None else 0, P, names, words,
                           vars(cfg), resume_from)
             cache_file = os.path.join(edir, CHECKPOINT_SUBDIR, f".cache-{key}.safetensors")
             cached = cls._cached(final, key, cache_file)
@@ -229,7 +216,7 @@ class ConceptLearnNode(io.ComfyNode):
                 logging.info("Concept Learn: unchanged inputs, reusing %s", ", ".join(final.values()))
                 return cls._outputs(clip, imgs, masks, names, losses)
             for n, path in final.items():
-                other = ca.find_embedding(n)
+                other = find_embedding(n)
                 if other is not None and os.path.abspath(other) != os.path.abspath(path):
                     raise ValueError(f"an embedding named {n!r} already exists at {other}; embedding:{n} would be "
                                      f"ambiguous, so choose another concept name")
@@ -239,16 +226,16 @@ class ConceptLearnNode(io.ComfyNode):
             init_vectors, start_step = cls._resume(resume_from, names, text.width, int(vectors_per_token))
 
             patched_hooks = AttentionHooks()
-            patched = ca.attach_attention_hooks(model, patched_hooks)
-            den = ca.ComfyGradDenoiser(patched)
-            latents = ca.encode_images_for_training(model, vae, imgs)
+            patched = attach_attention_hooks(model, patched_hooks)
+            den = ComfyGradDenoiser(patched)
+            latents = encode_images_for_training(model, vae, imgs)
             den.load()
             clip.load_model()
             if str(den.device) == "cpu":
                 logging.warning("Concept Learn is running on the CPU: expect minutes per step at 512 px")
             small = F.interpolate(imgs.movedim(-1, 1), size=latents.shape[-2:], mode="area").clamp(0, 1)
             total = int(steps)
-            pbar = ca.progress_bar(total)
+            pbar = progress_bar(total)
             pbar.update_absolute(start_step, total)
             hidden = getattr(cls, "hidden", None)
             node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
@@ -257,7 +244,7 @@ class ConceptLearnNode(io.ComfyNode):
 
             def progress(step, tot, loss):
                 pbar.update_absolute(step, tot)
-                ca.progress_text(node_id, f"step {step}/{tot}  loss {loss:.5f}")
+                progress_text(node_id, f"step {step}/{tot}  loss {loss:.5f}")
                 if step % 25 == 0 or step == tot:
                     logging.info("Concept Learn step %d/%d loss %.5f", step, tot, loss)
 
@@ -265,21 +252,21 @@ class ConceptLearnNode(io.ComfyNode):
                 tag = f"{step}" if reason == "periodic" else f"interrupted-{step}"
                 for k, n in enumerate(names):
                     path = os.path.join(edir, CHECKPOINT_SUBDIR, f"{n}-{tag}.safetensors")
-                    ca.save_concept_embedding(path, text.file_tensors(vectors[k]),
+                    save_concept_embedding(path, text.file_tensors(vectors[k]),
                                               {**meta_base, "concept": n, "init_word": words[k], "step": step,
                                                "checkpoint": reason})
                 if reason != "periodic":
                     logging.warning("Concept Learn stopped at step %d; checkpoint %s", step,
                                     os.path.join(edir, CHECKPOINT_SUBDIR, f"{names[0]}-{tag}.safetensors"))
 
-            with ca.normal_weight_copies(patched.model.diffusion_model, *text.subs):
+            with normal_weight_copies(patched.model.diffusion_model, *text.subs):
                 res = kcl.learn_concepts(den, text, patched_hooks, latents.to(den.device), small.to(den.device),
                                          words, cfg, init_masks=masks0, presence=P, init_vectors=init_vectors,
-                                         start_step=start_step, progress=progress, interrupt=ca.interrupt_check,
+                                         start_step=start_step, progress=progress, interrupt=interrupt_check,
                                          checkpoint=checkpoint)
             pbar.update_absolute(total, total)
             for k, n in enumerate(names):
-                ca.save_concept_embedding(final[n], text.file_tensors(res.vectors[k]),
+                save_concept_embedding(final[n], text.file_tensors(res.vectors[k]),
                                           {**meta_base, "concept": n, "init_word": words[k],
                                            "step": res.steps_done, "checkpoint": "final"})
             masks = F.interpolate(res.masks.float(), size=(resolution, resolution), mode="nearest")
@@ -300,7 +287,7 @@ class ConceptLearnNode(io.ComfyNode):
         for path in final.values():
             if not os.path.exists(path):
                 return None
-            _, meta = ca.read_concept_embedding(path)
+            _, meta = read_concept_embedding(path)
             if meta.get("run") != key or meta.get("checkpoint") != "final":
                 return None
         return load_mask_cache(cache_file)
@@ -309,8 +296,8 @@ class ConceptLearnNode(io.ComfyNode):
     def _resume(resume_from, names, width, m):
         if not resume_from or resume_from == "none":
             return None, 0
-        first = ca.embedding_path(resume_from)
-        v0, meta = ca.read_concept_embedding(first)
+        first = embedding_path(resume_from)
+        v0, meta = read_concept_embedding(first)
         concept, step = meta.get("concept"), meta.get("step")
         if concept is None or step is None or meta.get("method") != METHOD:
             raise ValueError(f"{resume_from} is not a Concept Learn checkpoint (no concept/step metadata)")
@@ -320,7 +307,7 @@ class ConceptLearnNode(io.ComfyNode):
             path = os.path.join(os.path.dirname(first), base.replace(concept, n, 1))
             if not os.path.exists(path):
                 raise ValueError(f"resuming from {resume_from}: no checkpoint for concept {n!r} at {path}")
-            v, _ = ca.read_concept_embedding(path)
+            v, _ = read_concept_embedding(path)
             if v.shape[-1] != width:
                 raise ValueError(f"{path} holds {v.shape[-1]}-wide vectors; this CLIP takes {width}")
             if v.shape[0] != m:
@@ -330,7 +317,7 @@ class ConceptLearnNode(io.ComfyNode):
 
 
 try:      # register <output>/embeddings before any checkpoint (and its CLIP) is loaded
-    ca.embeddings_dir(create=False)
+    embeddings_dir(create=False)
 except Exception:  # noqa: BLE001 - folder_paths not ready (import outside ComfyUI)
     pass
 

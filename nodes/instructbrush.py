@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 from comfy_api.latest import io
 
 from ..kernels import instructbrush as ib
 from ..kernels.attention import AttentionHooks
-from . import comfy_adapter as ca
+from ..kernels.files import clean_name, content_hash
+from .comfy.attention import attach_attention_hooks, cross_attention_layers, cross_attention_widths
+from .comfy.files import folder_file_path, folder_files, instruction_folder, next_save_path
+from .comfy.ip2p import ComfyIP2PEps, ip2p_check, ip2p_encode_pairs
+from .comfy.models import fingerprint, normal_weight_copies, vp_schedule
+from .comfy.sampling import interrupt_check, on_run_end, progress_bar
+from .comfy.text import count_prompt_tokens, encode_text, text_condition
 
 LEARNED_INSTRUCTION = io.Custom("PHOTOOPS_INSTRUCTION")
 FOLDER = "photoops_instructions"
 LOG = logging.getLogger("photoops.instructbrush")
-
-
-def _clean_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", (name or "").strip()) or "instruction"
 
 
 def _check_images(before: torch.Tensor, after: torch.Tensor) -> None:
@@ -45,7 +46,7 @@ def _check_images(before: torch.Tensor, after: torch.Tensor) -> None:
 
 
 def _positions(clip, prompt: str) -> list:
-    m = ca.count_prompt_tokens(clip, prompt)
+    m = count_prompt_tokens(clip, prompt)
     if m == 0:
         raise ValueError("the initial instruction is empty: give a few words describing the edit (e.g. "
                          "'make it look like winter'); its tokens are the rows InstructBrush learns")
@@ -57,16 +58,16 @@ def _positions(clip, prompt: str) -> list:
 def _hooked(model, inst, strength: float = 1.0):
     """Patched clone; the hook's counts are reset when a sampling run starts and checked when it ends
     (one logged warning if the instruction's conditioning never reached the model)."""
-    hook = ib.InstructionHook(inst, strength=strength, schedule=ca.vp_schedule(model))
-    patched = ca.attach_attention_hooks(model, AttentionHooks([hook]), on_run_start=hook.reset_counts)
-    ca.on_run_end(patched, hook.end_run)
+    hook = ib.InstructionHook(inst, strength=strength, schedule=vp_schedule(model))
+    patched = attach_attention_hooks(model, AttentionHooks([hook]), on_run_start=hook.reset_counts)
+    on_run_end(patched, hook.end_run)
     return patched, hook
 
 
 class InstructionLearnNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        ca.instruction_folder()
+        instruction_folder()
         return io.Schema(
             node_id="PhotoOps_InstructionLearn",
             display_name="Instruction Learn (InstructBrush)",
@@ -118,44 +119,47 @@ class InstructionLearnNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, before, after, instruction, name, steps, lr, seed, time_ranges, batch_size,
                 loss_on_guided_prediction, checkpoint_every, resume) -> io.NodeOutput:
-        ca.ip2p_check(model)
+        ip2p_check(model)
         _check_images(before, after)
         prompt = instruction.strip()
         positions = _positions(clip, prompt)
-        folder = ca.instruction_folder()
+        folder = instruction_folder()
         os.makedirs(folder, exist_ok=True)
-        name = _clean_name(name)
+        name = clean_name(name, "instruction")
         partial = os.path.join(folder, f"{name}.partial")
 
-        c_img, z0 = ca.ip2p_encode_pairs(model, vae, before, after)
-        cond, uncond = ca.text_condition(clip, prompt), ca.text_condition(clip, "")
+        c_img, z0 = ip2p_encode_pairs(model, vae, before, after)
+        cond, uncond = text_condition(clip, prompt), text_condition(clip, "")
         settings = {"steps": int(steps), "lr": float(lr), "seed": int(seed), "time_ranges": int(time_ranges),
                     "batch_size": int(batch_size), "guided": bool(loss_on_guided_prediction),
                     "pairs": int(before.shape[0]), "size": list(before.shape[1:3]),
-                    "pairs_hash": _hash(before, after), "model": ca.fingerprint(model)}
+                    "pairs_hash": content_hash(before.float(), after.float(), length=16, stride_to=65536), "model": fingerprint(model)}
 
         with torch.inference_mode(False), torch.enable_grad():
             c_img, z0 = c_img.clone(), z0.clone()        # normal tensors (not inference-mode ones)
             cond, uncond = cond.clone(), uncond.clone()
             # frozen projections of P0's tokens (one forward with a capture hook)
             cap = ib.KVCapture(positions)
-            probe = ca.attach_attention_hooks(model, AttentionHooks([cap]))
+            probe = attach_attention_hooks(model, AttentionHooks([cap]))
             with torch.no_grad():
-                ca.ComfyIP2PEps(probe, cond, uncond)(z0[:1], torch.tensor([500]), c_img[:1], True)
-            if len(cap.k) != len(ca.cross_attention_layers(model)):
+                ComfyIP2PEps(probe, cond, uncond)(z0[:1], torch.tensor([500]), c_img[:1], True)
+            if len(cap.k) != len(cross_attention_layers(model)):
                 raise RuntimeError("the capture did not see every cross-attention layer")
             inst = ib.LearnedInstruction(prompt, positions, cap.k, cap.v, time_ranges=time_ranges,
-                                         num_train_timesteps=ca.vp_schedule(model).num_train_timesteps,
+                                         num_train_timesteps=vp_schedule(model).num_train_timesteps,
                                          meta={"settings": settings})
             start, opt_state = 0, None
             if resume and os.path.exists(partial):
-                start, opt_state = _load_partial(partial, inst, settings)
+                try:
+                    start, opt_state = ib.load_checkpoint(partial, inst, settings)
+                except ib.CheckpointMismatch as e:
+                    LOG.warning("InstructBrush: %s; starting afresh", e)
             patched, _ = _hooked(model, inst)
-            predict = ca.ComfyIP2PEps(patched, cond, uncond)     # loads the model onto its device
+            predict = ComfyIP2PEps(patched, cond, uncond)     # loads the model onto its device
             # ComfyUI loads weights under inference_mode; autograd needs normal copies (restored after)
-            weights = ca.normal_weight_copies(patched.model.diffusion_model)
+            weights = normal_weight_copies(patched.model.diffusion_model)
             weights.__enter__()
-            pbar = ca.progress_bar(steps)
+            pbar = progress_bar(steps)
             pbar.update_absolute(start, steps)
             state = {"step": start}
 
@@ -163,95 +167,27 @@ class InstructionLearnNode(io.ComfyNode):
                 state["step"] = step
                 pbar.update_absolute(step, steps)
                 if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                    _save_partial(partial, instr, settings, step)
-                ca.interrupt_check()
+                    ib.save_checkpoint(partial, instr, settings, step)
+                interrupt_check()
 
             try:
-                res = ib.learn(inst, predict, c_img, z0, ca.vp_schedule(model).alphas_cumprod.float(),
+                res = ib.learn(inst, predict, c_img, z0, vp_schedule(model).alphas_cumprod.float(),
                                steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                                loss_on_guided_prediction=loss_on_guided_prediction, callback=callback,
                                start_step=start, optimizer_state=opt_state)
             except BaseException:
                 if state["step"] > start:
-                    _save_partial(partial, inst, settings, state["step"])
+                    ib.save_checkpoint(partial, inst, settings, state["step"])
                     LOG.warning("InstructBrush: stopped at step %d; resumable checkpoint %s", state["step"], partial)
                 raise
             finally:
                 weights.__exit__(None, None, None)
         inst.meta.update(losses_first=res.losses[:5], losses_last=res.losses[-5:], steps_done=res.steps_done)
-        path = _unique(folder, name)
+        path = next_save_path(folder, name, "instruction", plain_first=True)
         inst.save(path)
         if os.path.exists(partial):
             os.remove(partial)
         return io.NodeOutput(inst, prompt, ui={"text": [os.path.basename(path)]})
-
-
-def _hash(before, after) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for t in (before, after):
-        x = t.detach().float().cpu().contiguous()
-        h.update(str(tuple(x.shape)).encode())
-        h.update(x.flatten()[:: max(1, x.numel() // 65536)].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _unique(folder: str, name: str) -> str:
-    path = os.path.join(folder, f"{name}.safetensors")
-    i = 1
-    while os.path.exists(path):
-        path = os.path.join(folder, f"{name}_{i:05d}.safetensors")
-        i += 1
-    return path
-
-
-def _save_partial(path: str, inst, settings: dict, step: int) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    tensors = inst.to_tensors()
-    opt = getattr(inst, "_optimizer", None)
-    opt = opt.state_dict() if opt is not None else None
-    meta = inst.metadata()
-    meta.update(partial_step=str(step), settings=json.dumps(settings, sort_keys=True))
-    if opt is not None:
-        for i, st in opt["state"].items():
-            for k, v in st.items():
-                tensors[f"adam.{i}.{k}"] = torch.as_tensor(v).detach().float().cpu().contiguous().reshape(-1) \
-                    if k == "step" else v.detach().float().cpu().contiguous()
-        meta["adam_groups"] = json.dumps(opt["param_groups"])
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
-def _load_partial(path: str, inst, settings: dict) -> tuple:
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    if json.loads(meta.get("settings", "{}")) != json.loads(json.dumps(settings, sort_keys=True)) \
-            or meta.get("prompt") != inst.prompt:
-        LOG.warning("InstructBrush: %s was made with other settings, pairs or instruction; starting afresh", path)
-        return 0, None
-    loaded = ib.LearnedInstruction.from_tensors({k: v for k, v in tensors.items() if not k.startswith("adam.")}, meta)
-    with torch.no_grad():
-        for p, q in zip(inst.parameters(), loaded.parameters()):
-            p.copy_(q)
-    opt = None
-    if "adam_groups" in meta:
-        state = {}
-        for k, v in tensors.items():
-            if k.startswith("adam."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
-        opt = {"state": state, "param_groups": json.loads(meta["adam_groups"])}
-    return int(meta["partial_step"]), opt
 
 
 class InstructionApplyNode(io.ComfyNode):
@@ -285,26 +221,26 @@ class InstructionApplyNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, instruction, strength) -> io.NodeOutput:
-        ca.ip2p_check(model)
-        instruction.check_layers(ca.cross_attention_widths(model))
-        m = ca.count_prompt_tokens(clip, instruction.prompt)
+        ip2p_check(model)
+        instruction.check_layers(cross_attention_widths(model))
+        m = count_prompt_tokens(clip, instruction.prompt)
         if m != instruction.m:
             raise ValueError(f"this CLIP makes {m} tokens of the instruction {instruction.prompt!r}, but it was "
                              f"learned with {instruction.m}: use the CLIP of the model it was learned on")
         patched, _ = _hooked(model, instruction, strength)
-        return io.NodeOutput(patched, ca.encode_text(clip, instruction.prompt), instruction.prompt)
+        return io.NodeOutput(patched, encode_text(clip, instruction.prompt), instruction.prompt)
 
 
 class LoadInstructionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        ca.instruction_folder()
+        instruction_folder()
         return io.Schema(
             node_id="PhotoOps_LoadInstruction",
             display_name="Load Instruction (InstructBrush)",
             category="PhotoOps/instructbrush",
             description=f"Loads a learned instruction from output/{FOLDER} or models/{FOLDER}.",
-            inputs=[io.Combo.Input("instruction_file", options=ca.folder_files(FOLDER),
+            inputs=[io.Combo.Input("instruction_file", options=folder_files(FOLDER),
                                    tooltip="A .safetensors file written by Instruction Learn.")],
             outputs=[LEARNED_INSTRUCTION.Output(display_name="instruction", tooltip="To Instruction Apply."),
                      io.String.Output(display_name="prompt", tooltip="Its initial instruction P0.")],
@@ -312,7 +248,7 @@ class LoadInstructionNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, instruction_file) -> io.NodeOutput:
-        inst = ib.LearnedInstruction.load(ca.folder_file_path(FOLDER, instruction_file))
+        inst = ib.LearnedInstruction.load(folder_file_path(FOLDER, instruction_file))
         return io.NodeOutput(inst, inst.prompt)
 
 

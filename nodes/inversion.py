@@ -24,7 +24,9 @@ from ..kernels import eta as keta
 from ..kernels import inversion as kinv
 from ..kernels import maps as kmaps
 from ..kernels.inversion_state import Inversion, load_inversion, save_inversion
-from . import comfy_adapter as ca
+from .comfy.files import folder_file_path, folder_files, next_save_path, register_folder
+from .comfy.models import check_latent, ensure_supported, fingerprint, patcher_of, vp_schedule
+from .comfy.sampling import interrupt_check, ksampler, progress_bar, run_with_guider
 from .attention_mask import CAPTURE
 
 INVERSION = io.Custom("PHOTOOPS_INVERSION")
@@ -48,7 +50,7 @@ def _prepare_sigmas(model, sigmas: torch.Tensor) -> tuple:
         raise ValueError("SIGMAS must hold at least two values (one step)")
     info = {"final_zero_replaced": False, "final_zero_dropped": False}
     if s[-1] == 0:
-        s_min = float(ca.vp_schedule(model).sigma_min)
+        s_min = float(vp_schedule(model).sigma_min)
         if s.numel() > 2 and s[-2] <= s_min * (1 + 1e-4):
             s = s[:-1].clone()
             info["final_zero_dropped"] = True
@@ -145,9 +147,9 @@ class InvertNode(io.ComfyNode):
     def execute(cls, model, positive, negative, latent, sigmas, method, skip, source_cfg, seed,
                 eta_schedule=None, region=None, region_mode="threshold", region_threshold=0.2, candidates=10,
                 store_optimal_noise=False, batch=1) -> io.NodeOutput:
-        ca.ensure_supported(model)
+        ensure_supported(model)
         samples = latent["samples"]
-        ca.check_latent(model, samples)
+        check_latent(model, samples)
         s, zero_info = _prepare_sigmas(model, sigmas)
         n = s.numel() - 1
         if not 0 <= skip < n:
@@ -158,9 +160,9 @@ class InvertNode(io.ComfyNode):
             raise ValueError("an Eta Schedule applies to the ddpm and eta methods, not to dpmpp_2m_sde (eta 1)")
         if method == "eta" and region is not None and eta_schedule is not None and eta_schedule.get("mask") is not None:
             raise ValueError("give either a region capture or an Eta Schedule mask, not both")
-        schedule = ca.vp_schedule(model)
+        schedule = vp_schedule(model)
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        pbar = ca.progress_bar(2 * n if method == "eta" else n)
+        pbar = progress_bar(2 * n if method == "eta" else n)
 
         def tick(_):
             pbar.update(1)
@@ -171,7 +173,7 @@ class InvertNode(io.ComfyNode):
                 # LEDITS++: the 2M history restarts with each run, so only the replayed steps
                 # are inverted (DDPM §4.2); the skipped steps keep zero maps (never used).
                 x_start, z, ladder = kinv.dpmpp_2m_sde_invert(denoise, x, sig[skip:], generator=gen, callback=tick,
-                                                              interrupt=ca.interrupt_check)
+                                                              interrupt=interrupt_check)
                 noises = z.new_zeros((n, *z.shape[1:]))
                 noises[skip:] = z
                 return (x_start, noises, torch.ones(n)), x_start
@@ -180,13 +182,13 @@ class InvertNode(io.ComfyNode):
                 if eta_schedule is not None:
                     eta = keta.per_step_eta(eta_schedule["fn"], s, schedule)
                 x_start, zs, ladder = kinv.ddpm_invert(denoise, x, sig, eta=eta, generator=gen, callback=tick,
-                                                       interrupt=ca.interrupt_check, batch=batch)
+                                                       interrupt=interrupt_check, batch=batch)
                 noises, etas = zs, torch.as_tensor(eta, dtype=torch.float32).expand(n).clone()
             elif method == "ddim":
-                ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=ca.interrupt_check)
+                ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=interrupt_check)
                 noises, etas = None, torch.zeros(n)
             else:
-                ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=ca.interrupt_check)
+                ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=interrupt_check)
                 fn = eta_schedule["fn"] if eta_schedule is not None else keta.PRESETS["linear_default"]
                 mask = None
                 if region is not None:
@@ -199,17 +201,17 @@ class InvertNode(io.ComfyNode):
                 noises, etas = kinv.eta_inversion_noises(
                     denoise, ladder, sig, keta.per_step_eta(fn, s, schedule), eta_mask=mask,
                     candidates=candidates, generator=gen, store_optimal=store_optimal_noise, callback=tick,
-                    interrupt=ca.interrupt_check)
+                    interrupt=interrupt_check)
             x_start = ladder[n - skip].clone()
             return (x_start, noises, etas), x_start
 
-        (x_start, noises, etas), out = ca.run_with_guider(model, positive, negative, source_cfg, samples,
+        (x_start, noises, etas), out = run_with_guider(model, positive, negative, source_cfg, samples,
                                                            s.float(), work, seed=seed)
         source = {"positive": positive[0][0].detach().float().cpu()} if positive else {}
         inv = Inversion(method=method, sigmas=s, x_start=x_start.float().cpu(), skip=int(skip),
                         noises=None if noises is None else noises.float().cpu(),
                         eta=etas.float().cpu() if etas is not None else None, source_cfg=float(source_cfg),
-                        seed=int(seed), fingerprint=ca.fingerprint(model), source=source,
+                        seed=int(seed), fingerprint=fingerprint(model), source=source,
                         info={**zero_info, "candidates": int(candidates),
                               "store_optimal_noise": bool(store_optimal_noise)})
         return io.NodeOutput(inv, {"samples": out})
@@ -234,9 +236,9 @@ def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     else:
         inv.check_replay(s, x.shape)          # raises, naming the sigma mismatch
         start = inv.skip
-    patcher = ca.patcher_of(model)
+    patcher = patcher_of(model)
     if patcher is not None:
-        inv.check_replay(inv.sigmas, fingerprint=ca.fingerprint(patcher))
+        inv.check_replay(inv.sigmas, fingerprint=fingerprint(patcher))
     run = inv.sigmas[start:].to(sigmas.dtype).to(sigmas.device)
     x0 = inv.x_start.to(device=x.device, dtype=x.dtype)
     noises = None if inv.noises is None else inv.noises.to(device=x.device, dtype=x.dtype)
@@ -264,7 +266,7 @@ class InversionSamplerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion) -> io.NodeOutput:
-        return io.NodeOutput(ca.ksampler(_replay, inversion=inversion))
+        return io.NodeOutput(ksampler(_replay, inversion=inversion))
 
 
 _PRESET_NAMES = ["linear_default", "paper_A", "paper_B", "constant", "custom"]
@@ -344,7 +346,8 @@ class SaveInversionNode(io.ComfyNode):
             inputs=[
                 INVERSION.Input("inversion", tooltip="From Invert."),
                 io.String.Input("filename_prefix", default="inversion",
-                                tooltip="File name prefix; a counter is appended (prefix_00001.safetensors)."),
+                                tooltip="File name prefix; a counter is appended as ComfyUI numbers its outputs "
+                                        "(prefix_00001_.safetensors)."),
             ],
             outputs=[],
             is_output_node=True,
@@ -352,33 +355,28 @@ class SaveInversionNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
-        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", filename_prefix.strip()) or "inversion"
-        folder = ca.register_folder(FOLDER, FOLDER)
-        os.makedirs(folder, exist_ok=True)
-        i = 1
-        while os.path.exists(os.path.join(folder, f"{prefix}_{i:05d}.safetensors")):
-            i += 1
-        path = save_inversion(inversion, os.path.join(folder, f"{prefix}_{i:05d}.safetensors"))
+        folder = register_folder(FOLDER, FOLDER)
+        path = save_inversion(inversion, next_save_path(folder, filename_prefix, "inversion"))
         return io.NodeOutput(ui={"text": [os.path.basename(path)]})
 
 
 class LoadInversionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        ca.register_folder(FOLDER, FOLDER)
+        register_folder(FOLDER, FOLDER)
         return io.Schema(
             node_id="PhotoOps_LoadInversion",
             display_name="Load Inversion",
             category="PhotoOps/inversion",
             description=f"Loads an INVERSION saved by Save Inversion (from output/{FOLDER} or models/{FOLDER}).",
-            inputs=[io.Combo.Input("inversion_file", options=ca.folder_files(FOLDER),
+            inputs=[io.Combo.Input("inversion_file", options=folder_files(FOLDER),
                                    tooltip=f"A .safetensors file in output/{FOLDER} or models/{FOLDER}.")],
             outputs=[INVERSION.Output(display_name="inversion", tooltip="Replay with Inversion Sampler.")],
         )
 
     @classmethod
     def execute(cls, inversion_file) -> io.NodeOutput:
-        return io.NodeOutput(load_inversion(ca.folder_file_path(FOLDER, inversion_file)))
+        return io.NodeOutput(load_inversion(folder_file_path(FOLDER, inversion_file)))
 
 
 NODES = [InvertNode, InversionSamplerNode, EtaScheduleNode, SaveInversionNode, LoadInversionNode]

@@ -14,9 +14,9 @@
 * **pOps Revision Conditioning** — positive/negative CONDITIONING that feed an image
   embedding to an SDXL-family MODEL through its unCLIP ("revision") input, with an
   empty (zero) text context; refuses models that would silently ignore it.
-* **Load CLIP Vision (any size)** — core's loader for the files core recognises; also
-  loads smaller transformers-layout CLIP vision files (test models), so workflows run
-  with tiny weights.
+
+Embeddings come from core *Load CLIP Vision* (``clip_vision_g.safetensors``, ViT-bigG/14) +
+*CLIP Vision Encode*.
 """
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ from comfy_api.latest import io
 
 from ..kernels import pops as kp
 from ..kernels import pops_weights as pw
-from . import comfy_adapter as ca
+from .comfy.files import folder_file_path, folder_files, register_model_folder
+from .comfy.models import context_width, intermediate_device, load_on_device, module_patcher
+from .comfy.pops import image_embedding_consumer, make_clip_vision_output, pops_compute_dtype
+from .comfy.sampling import interrupt_check, progress_bar
+from .comfy.text import text_last_hidden_states
 
 FOLDER = "pops"
 OPERATOR = io.Custom("PHOTOOPS_POPS_OPERATOR")
@@ -38,7 +42,7 @@ BINARY = ("texturing", "scene", "union")
 
 
 def _register():
-    ca.register_model_folder(FOLDER, FOLDER)
+    register_model_folder(FOLDER, FOLDER)
 
 
 @dataclass
@@ -62,7 +66,7 @@ class PopsOperatorLoaderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         _register()
-        files = ca.folder_files(FOLDER)
+        files = folder_files(FOLDER)
         return io.Schema(
             node_id="PhotoOps_PopsOperatorLoader",
             display_name="Load pOps Operator",
@@ -87,14 +91,14 @@ class PopsOperatorLoaderNode(io.ComfyNode):
     @classmethod
     def execute(cls, operator_file, statistics, dtype) -> io.NodeOutput:
         _register()
-        path = ca.folder_file_path(FOLDER, operator_file)
-        stats = None if statistics == IN_FILE else ca.folder_file_path(FOLDER, statistics)
+        path = folder_file_path(FOLDER, operator_file)
+        stats = None if statistics == IN_FILE else folder_file_path(FOLDER, statistics)
         op = pw.load_operator(path, stats)  # validates everything before any network is built
         n_params = sum(v.numel() for v in op.state_dict.values())
-        dt = ca.pops_compute_dtype(dtype, n_params)
+        dt = pops_compute_dtype(dtype, n_params)
         prior = pw.build_prior(op, dtype=dt, device="cpu")
         op.state_dict = {}  # the prior holds the (cast) weights now
-        return io.NodeOutput(PopsOperator(ca.module_patcher(prior), op.config, op.mean, op.std, op.name, dt, path))
+        return io.NodeOutput(PopsOperator(module_patcher(prior), op.config, op.mean, op.std, op.name, dt, path))
 
 
 def _embeds(cvo, name: str, dim: int) -> torch.Tensor:
@@ -176,17 +180,17 @@ class OperatorApplyNode(io.ComfyNode):
         H, H_neg, M = kp.build_condition(slots, operator.config.num_embeddings, text_tokens=tt,
                                          dropped=[drop_a, drop_b])
         w = operator.default_guidance if guidance < 0 else float(guidance)
-        pbar = ca.progress_bar(steps)
+        pbar = progress_bar(steps)
 
         def tick(i, n):
-            ca.interrupt_check()
+            interrupt_check()
             pbar.update_absolute(i, n)
 
-        prior = ca.load_on_device(operator.patcher)
+        prior = load_on_device(operator.patcher)
         out = kp.sample(prior, H, M, operator.mean, operator.std, steps=steps, guidance=w, seed=seed,
                         H_neg=H_neg, callback=tick)
-        out = out.to(ca.intermediate_device())
-        cvo = ca.make_clip_vision_output(out, pops_operator=operator.name)
+        out = out.to(intermediate_device())
+        cvo = make_clip_vision_output(out, pops_operator=operator.name)
         return io.NodeOutput(cvo, out, torch.zeros_like(out))
 
 
@@ -212,7 +216,7 @@ class PopsTextNode(io.ComfyNode):
     def execute(cls, clip, word) -> io.NodeOutput:
         if not word or not word.strip():
             raise ValueError("the word is empty")
-        return io.NodeOutput(ca.text_last_hidden_states(clip, word.strip()).cpu())
+        return io.NodeOutput(text_last_hidden_states(clip, word.strip()).cpu())
 
 
 class PopsMeanNode(io.ComfyNode):
@@ -241,8 +245,8 @@ class PopsMeanNode(io.ComfyNode):
         ea, eb = _broadcast([_embeds(input_a, "input_a", d), _embeds(input_b, "input_b", d)], ["input_a", "input_b"])
         z = (1 - alpha) * kp.normalize(ea, operator.mean, operator.std) + alpha * kp.normalize(eb, operator.mean,
                                                                                               operator.std)
-        out = kp.denormalize(z, operator.mean, operator.std).to(ca.intermediate_device())
-        return io.NodeOutput(ca.make_clip_vision_output(out), out)
+        out = kp.denormalize(z, operator.mean, operator.std).to(intermediate_device())
+        return io.NodeOutput(make_clip_vision_output(out), out)
 
 
 class PopsRevisionConditioningNode(io.ComfyNode):
@@ -271,9 +275,9 @@ class PopsRevisionConditioningNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip_vision_output, strength, noise_augmentation) -> io.NodeOutput:
-        _family, width = ca.image_embedding_consumer(model)
+        _family, width = image_embedding_consumer(model)
         _embeds(clip_vision_output, "clip_vision_output", width)
-        ctx = torch.zeros(1, 77, ca.context_width(model))
+        ctx = torch.zeros(1, 77, context_width(model))
         pooled = torch.zeros(1, width)
         unclip = [{"clip_vision_output": clip_vision_output, "strength": float(strength),
                    "noise_augmentation": float(noise_augmentation)}]
@@ -282,28 +286,6 @@ class PopsRevisionConditioningNode(io.ComfyNode):
         return io.NodeOutput(pos, neg)
 
 
-class CLIPVisionLoaderAnyNode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="PhotoOps_CLIPVisionLoader",
-            display_name="Load CLIP Vision (any size)",
-            category="PhotoOps/pops",
-            description="Loads a CLIP vision model from models/clip_vision. Files core ComfyUI recognises (ViT-L/H/"
-                        "bigG...) load exactly as with Load CLIP Vision; smaller transformers-layout files (test "
-                        "models) are built from their shapes. Use with core CLIP Vision Encode.",
-            inputs=[io.Combo.Input("clip_name", options=ca.folder_files("clip_vision"),
-                                   tooltip="pOps needs ViT-bigG/14 (e.g. clip_vision_g.safetensors or the IP-Adapter "
-                                           "SDXL image encoder): its image_embeds are 1280-d.")],
-            outputs=[io.ClipVision.Output(display_name="CLIP_VISION", tooltip="For CLIP Vision Encode.")],
-        )
-
-    @classmethod
-    def execute(cls, clip_name) -> io.NodeOutput:
-        return io.NodeOutput(ca.load_clip_vision_any(ca.folder_file_path("clip_vision", clip_name)))
-
-
-NODES = [PopsOperatorLoaderNode, OperatorApplyNode, PopsTextNode, PopsMeanNode, PopsRevisionConditioningNode,
-         CLIPVisionLoaderAnyNode]
+NODES = [PopsOperatorLoaderNode, OperatorApplyNode, PopsTextNode, PopsMeanNode, PopsRevisionConditioningNode]
 
 __all__ = ["NODES", "PopsOperator"]

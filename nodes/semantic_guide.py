@@ -17,7 +17,10 @@ from comfy_api.latest import io
 from ..kernels import maps as kmaps
 from ..kernels import sega as ksega
 from ..kernels.attention import AttentionHooks, TokenMapRecorder
-from . import comfy_adapter as ca
+from .comfy.attention import attach_attention_hooks
+from .comfy.models import ensure_supported, vp_schedule
+from .comfy.sampling import CombineGuider
+from .comfy.text import count_prompt_tokens, encode_text
 from .attention_mask import VAE_FACTOR
 
 CONCEPTS = io.Custom("PHOTOOPS_EDIT_CONCEPTS")
@@ -90,19 +93,19 @@ class EditConceptNode(io.ComfyNode):
     @classmethod
     def execute(cls, clip, text, direction, scale, threshold, warmup, cooldown, weight,
                 previous=None) -> io.NodeOutput:
-        n_tok = ca.count_prompt_tokens(clip, text) if text.strip() else 0
+        n_tok = count_prompt_tokens(clip, text) if text.strip() else 0
         if n_tok == 0:
             raise ValueError(f"the concept text {text!r} tokenizes to nothing; give a word or two")
         concept = ksega.EditConcept(scale=scale, reverse=direction == "remove", threshold=threshold,
                                     warmup=warmup, cooldown=None if cooldown < 0 else cooldown, weight=weight)
-        item = ConceptInput(text, ca.encode_text(clip, text), n_tok, concept)
+        item = ConceptInput(text, encode_text(clip, text), n_tok, concept)
         return io.NodeOutput(list(previous or []) + [item])
 
 
 def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta, use_target,
                  mask_mode="intersect"):
     """The CombineGuider for ``mode`` in {"sega", "ledits++"} (see the module docstring)."""
-    ca.ensure_supported(model)
+    ensure_supported(model)
     concepts = list(concepts or [])
     kcs = [c.concept for c in concepts]
     order = ["negative", "positive"] + [f"concept{i}" for i in range(len(concepts))]
@@ -115,9 +118,9 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         for i, c in enumerate(concepts):                       # spec §4.4 step 3: tokens 1..n_tok, 1/4-size layers
             recorders.append(hooks.add(TokenMapRecorder(list(range(1, c.n_tokens + 1)), prompt_len=77,
                                                         cond_index=2 + i, layers="lowres")))
-        patched = ca.attach_attention_hooks(model, hooks)
+        patched = attach_attention_hooks(model, hooks)
     sega = ksega.SemanticGuidance(kcs, momentum_scale=momentum_scale, momentum_beta=momentum_beta)
-    schedule = ca.vp_schedule(model)
+    schedule = vp_schedule(model)
     store = MaskStore(len(concepts))
 
     def on_run_start(sigmas):
@@ -153,7 +156,7 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         out = x - s * e_hat
         return out.nan_to_num()                                        # guard: zero-norm guidance, 0/0
 
-    guider = ca.CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start)
+    guider = CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start)
     guider.photoops_masks = store
     return guider, recorders
 

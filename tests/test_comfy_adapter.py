@@ -23,7 +23,9 @@ from comfy_harness import fixtures  # noqa: E402
 from photoops.kernels.attention import AttentionHooks, TokenMapRecorder  # noqa: E402
 from photoops.kernels.diffusers_adapter import DiffusersDenoiser  # noqa: E402
 from photoops.kernels.protocol import UnsupportedModelError  # noqa: E402
-from photoops.nodes import comfy_adapter as ca  # noqa: E402
+from photoops.nodes.comfy.attention import attach_attention_hooks, cross_attention_layers  # noqa: E402
+from photoops.nodes.comfy.models import check_latent, ensure_supported, prediction_type, vp_schedule  # noqa: E402
+from comfy_harness.probe import ProbeGuider  # noqa: E402
 from photoops.nodes.attention_mask import AttentionCaptureNode, AttentionMaskNode  # noqa: E402
 
 
@@ -56,8 +58,8 @@ def test_entrypoint_lists_nodes():
 
 def test_parity_with_diffusers_predictions_and_maps(ckpt):
     model = ckpt["model"]
-    ca.ensure_supported(model)
-    assert ca.prediction_type(model) == "epsilon"
+    ensure_supported(model)
+    assert prediction_type(model) == "epsilon"
     torch.manual_seed(0)
     ctx = torch.randn(1, 77, 768)
     latent = torch.randn(2, 4, 16, 16)
@@ -66,15 +68,15 @@ def test_parity_with_diffusers_predictions_and_maps(ckpt):
 
     hooks_c = AttentionHooks()
     rec_c = hooks_c.add(TokenMapRecorder(positions, 77, layers="all"))
-    patched = ca.attach_attention_hooks(model, hooks_c)
-    guider = ca.ProbeGuider(patched, [_cond(ctx)])
+    patched = attach_attention_hooks(model, hooks_c)
+    guider = ProbeGuider(patched, [_cond(ctx)])
     x, x0_c = guider.run(lambda den, x, s: (x.clone(), den.predict_x0(x, s[0], [0])[0]), latent,
                          torch.tensor([sigma, 0.0]))
 
     unet = fixtures.build_diffusers_unet(seed=0)
     hooks_d = AttentionHooks()
     rec_d = hooks_d.add(TokenMapRecorder(positions, 77, layers="all"))
-    den_d = DiffusersDenoiser(unet, ca.vp_schedule(model), hooks=hooks_d)
+    den_d = DiffusersDenoiser(unet, vp_schedule(model), hooks=hooks_d)
     x0_d = den_d.predict_x0(x, torch.tensor(sigma), [ctx])[0]
 
     eps_c, eps_d = (x - x0_c) / sigma, (x - x0_d) / sigma
@@ -92,10 +94,10 @@ def _parity(model, unet, latent_shape, sigma, positions, seed=0):
     hooks_c, hooks_d = AttentionHooks(), AttentionHooks()
     rec_c = hooks_c.add(TokenMapRecorder(positions, 77, layers="all"))
     rec_d = hooks_d.add(TokenMapRecorder(positions, 77, layers="all"))
-    guider = ca.ProbeGuider(ca.attach_attention_hooks(model, hooks_c), [_cond(ctx)])
+    guider = ProbeGuider(attach_attention_hooks(model, hooks_c), [_cond(ctx)])
     x, x0_c = guider.run(lambda den, x, s: (x.clone(), den.predict_x0(x, s[0], [0])[0].detach()), latent,
                          torch.tensor([sigma, 0.0]))
-    x0_d = DiffusersDenoiser(unet, ca.vp_schedule(model), hooks=hooks_d).predict_x0(x, torch.tensor(sigma), [ctx])[0]
+    x0_d = DiffusersDenoiser(unet, vp_schedule(model), hooks=hooks_d).predict_x0(x, torch.tensor(sigma), [ctx])[0]
     return x, x0_c, x0_d, rec_c, rec_d
 
 
@@ -104,7 +106,7 @@ def test_parity_with_two_transformer_layers_per_block():
     cfg = dict(fixtures.UNET_CONFIG, transformer_layers_per_block=2, block_out_channels=[320, 320])
     unet = fixtures.build_diffusers_unet(seed=3, config=cfg)
     model = comfy.sd.load_diffusion_model_state_dict(fixtures.diffusers_unet_to_ldm(unet.state_dict(), cfg))
-    layers = ca.cross_attention_layers(model)
+    layers = cross_attention_layers(model)
     assert len(layers) == len([n for n in unet.attn_processors if n.endswith("attn2.processor")])
     assert any(layer.key[2] == 1 for layer in layers)
     x, x0_c, x0_d, rec_c, rec_d = _parity(model, unet, (1, 4, 16, 16), 2.0, [4, 9])
@@ -121,7 +123,7 @@ def test_input_model_is_not_mutated(ckpt):
     latent = torch.zeros(1, 4, 8, 8)
     ref = _sample(model, pos, neg, latent)
     hooks = AttentionHooks([TokenMapRecorder([1], 77, layers="all")])
-    patched = ca.attach_attention_hooks(model, hooks)
+    patched = attach_attention_hooks(model, hooks)
     out_patched = _sample(patched, pos, neg, latent)
     after = _sample(model, pos, neg, latent)
     assert repr(model.model_options) == before_opts
@@ -170,7 +172,7 @@ def test_bad_inputs(ckpt):
     with pytest.raises(ValueError, match="end_percent"):
         AttentionCaptureNode.execute(model, clip, "a red circle", "red", "lowres", 0.5, 0.5)
     with pytest.raises(ValueError, match="expects \\[batch, 4"):
-        ca.check_latent(model, torch.zeros(1, 16, 8, 8))
+        check_latent(model, torch.zeros(1, 16, 8, 8))
 
 
 def test_unsupported_family_is_refused(ckpt):
@@ -205,13 +207,13 @@ def test_v_prediction_parity(ckpt):
     import comfy.model_sampling as ms
 
     vmodel = _with_sampling(ckpt["model"], ms.ModelSamplingDiscrete, ms.V_PREDICTION)
-    ca.ensure_supported(vmodel)
-    assert ca.prediction_type(vmodel) == "v_prediction"
+    ensure_supported(vmodel)
+    assert prediction_type(vmodel) == "v_prediction"
     torch.manual_seed(5)
     ctx, latent, sigma = torch.randn(1, 77, 768), torch.randn(1, 4, 8, 8), 1.7
-    x, x0_c = ca.ProbeGuider(vmodel, [_cond(ctx)]).run(
+    x, x0_c = ProbeGuider(vmodel, [_cond(ctx)]).run(
         lambda den, x, s: (x.clone(), den.predict_x0(x, s[0], [0])[0]), latent, torch.tensor([sigma, 0.0]))
-    den = DiffusersDenoiser(fixtures.build_diffusers_unet(seed=0), ca.vp_schedule(vmodel), prediction_type="v_prediction")
+    den = DiffusersDenoiser(fixtures.build_diffusers_unet(seed=0), vp_schedule(vmodel), prediction_type="v_prediction")
     x0_d = den.predict_x0(x, torch.tensor(sigma), [ctx])[0]
     torch.testing.assert_close(x0_c.detach(), x0_d, atol=1e-4, rtol=1e-4)
 
@@ -222,4 +224,4 @@ def test_flow_and_edm_sampling_are_refused(ckpt):
     for bases in ((ms.ModelSamplingDiscreteFlow, ms.CONST), (ms.ModelSamplingContinuousEDM, ms.EDM)):
         m = _with_sampling(ckpt["model"], *bases)
         with pytest.raises(UnsupportedModelError, match="discrete eps- and v-prediction"):
-            ca.ensure_supported(m)
+            ensure_supported(m)

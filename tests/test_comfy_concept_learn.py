@@ -15,7 +15,8 @@ inprocess.require("test_comfy_concept_learn")
 import comfy.model_management
 import folder_paths
 from photoops.kernels import concept_learn as kcl
-from photoops.nodes import comfy_adapter as ca
+from photoops.nodes.comfy.concepts import ComfyConceptText, read_concept_embedding, save_concept_embedding
+from comfy_harness.probe import lookup_embedding
 from photoops.nodes import concept_learn as ncl
 from tiny import one_thread  # noqa: F401
 
@@ -70,14 +71,14 @@ def test_learn_saves_standard_embeddings_that_change_the_conditioning(env):
     assert repr(env["model"].model_options) == opts0
     # the file: one emb_params [1, 768] float32 tensor + string metadata
     path = os.path.join(env["dir"], "cl_aa.safetensors")
-    vec, meta = ca.read_concept_embedding(path)
+    vec, meta = read_concept_embedding(path)
     from safetensors.torch import load_file
     raw = load_file(path)
     assert list(raw) == ["emb_params"] and raw["emb_params"].shape == (1, 768)
     assert raw["emb_params"].dtype == torch.float32
     assert meta["method"] == "conceptlearn-em" and meta["init_word"] == "dog" and meta["concept"] == "cl_aa"
     # ComfyUI's own embedding lookup finds it, and the prompt syntax embedding:NAME uses it
-    looked = ca.lookup_embedding("cl_aa", 768, "clip_l")
+    looked = lookup_embedding("cl_aa", 768, "clip_l")
     assert looked is not None and torch.equal(looked.float().reshape(1, 768), vec)
     clip = env["clip"]
     tok = clip.tokenizer.clip_l
@@ -92,7 +93,7 @@ def test_learn_saves_standard_embeddings_that_change_the_conditioning(env):
         with torch.no_grad():
             c_emb = clip.encode_from_tokens(toks)
             c_init = clip.encode_from_tokens(clip.tokenize("a photo of dog"))
-            spliced, _ = ca.ComfyConceptText(clip).encode(["a photo of", 0], vec[None])
+            spliced, _ = ComfyConceptText(clip).encode(["a photo of", 0], vec[None])
     finally:
         tok.embedding_directory = old
     assert not torch.allclose(c_emb, c_init, atol=1e-4)      # learning changed the conditioning
@@ -100,7 +101,7 @@ def test_learn_saves_standard_embeddings_that_change_the_conditioning(env):
 
 
 def test_splicing_a_word_row_equals_prompting_the_word(env):
-    text = ca.ComfyConceptText(env["clip"])
+    text = ComfyConceptText(env["clip"])
     with torch.no_grad():
         spliced, pos = text.encode(["a photo of", 0, "and", 1], torch.stack([text.init_vector("dog"),
                                                                              text.init_vector("cat")])[:, None])
@@ -118,7 +119,7 @@ def test_interrupt_leaves_a_loadable_checkpoint_and_resume_finishes(env, monkeyp
             raise comfy.model_management.InterruptProcessingException()
         return False
 
-    monkeypatch.setattr(ca, "interrupt_check", interrupt)
+    monkeypatch.setattr(ncl, "interrupt_check", interrupt)
     opts0 = repr(env["model"].model_options)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         _run(env, names="cl_int", words="dog", steps=2)
@@ -126,7 +127,7 @@ def test_interrupt_leaves_a_loadable_checkpoint_and_resume_finishes(env, monkeyp
     ck = os.path.join(env["dir"], "conceptlearn", "cl_int-interrupted-1.safetensors")
     assert os.path.exists(ck)
     assert not os.path.exists(os.path.join(env["dir"], "cl_int.safetensors"))
-    assert ca.lookup_embedding("conceptlearn/cl_int-interrupted-1", 768, "clip_l") is not None
+    assert lookup_embedding("conceptlearn/cl_int-interrupted-1", 768, "clip_l") is not None
     assert repr(env["model"].model_options) == opts0
     out = _run(env, names="cl_int", words="dog", steps=2, resume_from="conceptlearn/cl_int-interrupted-1.safetensors")
     assert len(out.result[4]["loss"]) == 1                   # step 2 only
@@ -164,7 +165,7 @@ def test_bad_inputs(env):
     # a same-named embedding in another embeddings folder would make embedding:NAME ambiguous
     other = os.path.join(os.path.dirname(env["dir"]), "other_embeddings")
     os.makedirs(other, exist_ok=True)
-    ca.save_concept_embedding(os.path.join(other, "cl_elsewhere.safetensors"), torch.zeros(1, 768), {})
+    save_concept_embedding(os.path.join(other, "cl_elsewhere.safetensors"), torch.zeros(1, 768), {})
     folder_paths.add_model_folder_path("embeddings", other)
     try:
         with pytest.raises(ValueError, match="ambiguous"):

@@ -23,7 +23,11 @@ from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 from comfy_harness.pops_fixtures import cached_pops_fixtures
 from comfy_harness.tiny_clip import tiny_sd1_clip, tiny_sd2_clip, tiny_sdxl_clip
 from photoops.kernels.attention import AttentionHooks
-from photoops.nodes import comfy_adapter as ca
+from photoops.nodes.comfy.attention import attach_attention_hooks
+from photoops.nodes.comfy.concepts import ComfyConceptText, read_concept_embedding, save_concept_embedding
+from photoops.nodes.comfy.models import normal_weight_copies
+from comfy_harness.probe import lookup_embedding
+from photoops.nodes.comfy.training import ComfyGradDenoiser
 from photoops.nodes import concept_learn as ncl
 from safetensors.torch import load_file
 from tiny import one_thread  # noqa: F401
@@ -55,7 +59,7 @@ def _bits(module) -> dict:
 
 def test_sdxl_splicing_a_word_equals_prompting_it_in_both_encoders(env):
     clip = env["clip"]
-    text = ca.ComfyConceptText(clip)
+    text = ComfyConceptText(clip)
     assert text.widths == [768, 1280] and text.width == 2048
     vec = torch.stack([text.init_vector("dog"), text.init_vector("cat")])[:, None]
     emb_l = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
@@ -75,14 +79,14 @@ def test_sdxl_splicing_a_word_equals_prompting_it_in_both_encoders(env):
 
 def test_sdxl_denoiser_builds_the_adm_vector_as_comfyui_sampling_does(env):
     """Our x0 equals the model's output on the conds ComfyUI's sampler builds (``encode_model_conds``)."""
-    text = ca.ComfyConceptText(env["clip"])
+    text = ComfyConceptText(env["clip"])
     vec = text.init_vector("dog")[None, None].clone().requires_grad_(True)
-    patched = ca.attach_attention_hooks(env["model"], AttentionHooks())
-    den = ca.ComfyGradDenoiser(patched)
+    patched = attach_attention_hooks(env["model"], AttentionHooks())
+    den = ComfyGradDenoiser(patched)
     den.load()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([2.0, 0.5])
-    with ca.normal_weight_copies(patched.model.diffusion_model, *text.subs):
+    with normal_weight_copies(patched.model.diffusion_model, *text.subs):
         cond, _ = text.encode(["a photo of", 0], vec)
         x0 = den.predict_x0_grad(x, sigma, cond)
         (x0 ** 2).mean().backward()
@@ -118,13 +122,13 @@ def test_sdxl_learn_saves_clip_l_clip_g_that_comfyui_prompts_load(env):
     assert sorted(raw) == ["clip_g", "clip_l"]
     assert raw["clip_l"].shape == (1, 768) and raw["clip_g"].shape == (1, 1280)
     assert raw["clip_l"].dtype == raw["clip_g"].dtype == torch.float32
-    vec, meta = ca.read_concept_embedding(path)
+    vec, meta = read_concept_embedding(path)
     assert torch.equal(vec, torch.cat([raw["clip_l"], raw["clip_g"]], -1)) and meta["width"] == "2048"
-    text = ca.ComfyConceptText(clip)
+    text = ComfyConceptText(clip)
     assert not torch.allclose(vec[0], text.init_vector("dog"))               # it learned something
     # ComfyUI's SDXL tokenizers find the file by name, each with its own key
-    assert torch.equal(ca.lookup_embedding("cl_xa", 768, "clip_l").float().reshape(1, 768), raw["clip_l"])
-    assert torch.equal(ca.lookup_embedding("cl_xa", 1280, "clip_g").float().reshape(1, 1280), raw["clip_g"])
+    assert torch.equal(lookup_embedding("cl_xa", 768, "clip_l").float().reshape(1, 768), raw["clip_l"])
+    assert torch.equal(lookup_embedding("cl_xa", 1280, "clip_g").float().reshape(1, 1280), raw["clip_g"])
     toks_l, toks_g = clip.tokenizer.clip_l, clip.tokenizer.clip_g
     old = toks_l.embedding_directory, toks_g.embedding_directory
     toks_l.embedding_directory = toks_g.embedding_directory = [env["dir"]]
@@ -161,7 +165,7 @@ def test_v_prediction_model_trains_in_v_space(env, monkeypatch):
     from photoops.kernels import concept_learn as kcl
 
     (vmodel,) = ModelSamplingDiscrete().patch(env["model"], "v_prediction", False)
-    assert ca.ComfyGradDenoiser(vmodel).prediction_type == "v_prediction"
+    assert ComfyGradDenoiser(vmodel).prediction_type == "v_prediction"
     raw, checked = [], []
     handle = env["model"].model.diffusion_model.register_forward_hook(lambda m, a, o: raw.append(o.detach().float()))
     real = kcl.prediction_and_target
@@ -189,7 +193,7 @@ def test_v_prediction_model_trains_in_v_space(env, monkeypatch):
 def test_sd2_text_side_splices_and_its_file_loads_through_the_sd2_tokenizer(env, tmp_path):
     """SD2.x (OpenCLIP-H, 1024 wide, pads with 0): one ``emb_params`` file ComfyUI's SD2 tokenizer reads."""
     clip = tiny_sd2_clip(embedding_directory=[str(tmp_path)])
-    text = ca.ComfyConceptText(clip)
+    text = ComfyConceptText(clip)
     assert text.width == 1024 and [p.file_key for p in text.parts] == ["emb_params"]
     vec = torch.stack([text.init_vector("dog")])[:, None]
     with torch.no_grad():
@@ -197,7 +201,7 @@ def test_sd2_text_side_splices_and_its_file_loads_through_the_sd2_tokenizer(env,
         ref = clip.encode_from_tokens(clip.tokenize("a photo of dog"))
     assert pos == {0: [4]} and torch.allclose(got, ref, atol=1e-5)
     learned = vec[0] + 0.05 * torch.randn(1, 1024, generator=torch.Generator().manual_seed(3))
-    ca.save_concept_embedding(str(tmp_path / "cl_h.safetensors"), text.file_tensors(learned), {"concept": "cl_h"})
+    save_concept_embedding(str(tmp_path / "cl_h.safetensors"), text.file_tensors(learned), {"concept": "cl_h"})
     assert list(load_file(str(tmp_path / "cl_h.safetensors"))) == ["emb_params"]
     toks = clip.tokenize("a photo of embedding:cl_h")
     items = [it[0] for it in toks["h"][0]]

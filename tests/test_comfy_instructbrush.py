@@ -17,7 +17,10 @@ import folder_paths
 from comfy_harness.ip2p_fixtures import cached_ip2p_checkpoint
 from photoops.kernels import instructbrush as ib
 from photoops.kernels.protocol import UnsupportedModelError
-from photoops.nodes import comfy_adapter as ca
+from photoops.nodes.comfy.attention import attach_attention_hooks, cross_attention_layers, cross_attention_widths
+from photoops.nodes.comfy.files import folder_files, instruction_folder
+from photoops.nodes.comfy.ip2p import ip2p_check
+from photoops.nodes.comfy.text import count_prompt_tokens, encode_text
 from photoops.nodes import instructbrush as nib
 from tiny import one_thread  # noqa: F401
 
@@ -60,7 +63,7 @@ def _edit_inner(env, model, positive, seed, steps):
     from comfy_extras.nodes_custom_sampler import Guider_DualCFG
     from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
 
-    empty = ca.encode_text(env["clip"], "")
+    empty = encode_text(env["clip"], "")
     pos, neg, lat = InstructPixToPixConditioning.execute(positive, empty, env["before"][:1], env["vae"]).result
     guider = Guider_DualCFG(model)
     guider.set_conds(pos, neg, empty)
@@ -73,8 +76,8 @@ def _edit_inner(env, model, positive, seed, steps):
 
 def test_fixture_is_detected_as_ip2p(env):
     assert type(env["model"].model).__name__ == "SD15_instructpix2pix"
-    ca.ip2p_check(env["model"])
-    assert len(ca.cross_attention_widths(env["model"])) == len(ca.cross_attention_layers(env["model"]))
+    ip2p_check(env["model"])
+    assert len(cross_attention_widths(env["model"])) == len(cross_attention_layers(env["model"]))
 
 
 def test_learn_saves_round_trips_and_leaves_model_untouched(env):
@@ -82,13 +85,13 @@ def test_learn_saves_round_trips_and_leaves_model_untouched(env):
     opts_before = repr(model.model_options)
     w0 = model.model.diffusion_model.input_blocks[0][0].weight.clone()
     inst, prompt = _learn(env, "rt").result[:2]
-    assert prompt == PROMPT and inst.m == ca.count_prompt_tokens(env["clip"], PROMPT)
+    assert prompt == PROMPT and inst.m == count_prompt_tokens(env["clip"], PROMPT)
     assert repr(model.model_options) == opts_before
     assert torch.equal(model.model.diffusion_model.input_blocks[0][0].weight, w0)
     moved = [not torch.equal(inst.gamma_k[str(o)], inst.k0[o][None].expand_as(inst.gamma_k[str(o)]))
              for o in inst.layers]
     assert any(moved)
-    files = ca.folder_files(nib.FOLDER)
+    files = folder_files(nib.FOLDER)
     assert "rt.safetensors" in files
     loaded, p2 = nib.LoadInstructionNode.execute("rt.safetensors").result
     assert p2 == PROMPT
@@ -99,11 +102,11 @@ def test_learn_saves_round_trips_and_leaves_model_untouched(env):
 
 def test_untrained_instruction_is_identity_and_strength_zero_is_plain(env):
     model, clip = env["model"], env["clip"]
-    pos_plain = ca.encode_text(clip, PROMPT)
+    pos_plain = encode_text(clip, PROMPT)
     plain = _edit(env, model, pos_plain)
     # instruction at initialisation (gamma = frozen projections): output unchanged
-    cap = ib.KVCapture(ib.prompt_positions(ca.count_prompt_tokens(clip, PROMPT)))
-    probe = ca.attach_attention_hooks(model, nib.AttentionHooks([cap]))
+    cap = ib.KVCapture(ib.prompt_positions(count_prompt_tokens(clip, PROMPT)))
+    probe = attach_attention_hooks(model, nib.AttentionHooks([cap]))
     _edit(env, probe, pos_plain, steps=1)
     inst = ib.LearnedInstruction(PROMPT, cap.positions, cap.k, cap.v, time_ranges=2)
     patched, pos, _ = nib.InstructionApplyNode.execute(model, clip, inst, 1.0).result
@@ -122,10 +125,10 @@ def test_apply_patches_only_the_instruction_branch(env):
     model, clip = env["model"], env["clip"]
     inst, _ = _learn(env, "hits").result[:2]
     patched, ihook = nib._hooked(model, inst)
-    pos = ca.encode_text(clip, PROMPT)
+    pos = encode_text(clip, PROMPT)
     ihook.reset_counts()
     _edit(env, patched, pos, steps=1)
-    n_layers = len(ca.cross_attention_layers(model))
+    n_layers = len(cross_attention_layers(model))
     # DualCFG runs 3 branches; only the one with the instruction text matches (one chunk per layer)
     assert ihook.hits == n_layers
     assert ihook.ranges_used
@@ -140,12 +143,12 @@ def test_interrupt_keeps_a_checkpoint_and_resume_matches(env, monkeypatch):
         if calls["n"] == 2:
             raise KeyboardInterrupt("interrupted")
 
-    monkeypatch.setattr(ca, "interrupt_check", stop)
+    monkeypatch.setattr(nib, "interrupt_check", stop)
     with pytest.raises(KeyboardInterrupt):
         _learn(env, "resumed", steps=4)
-    partial = os.path.join(ca.instruction_folder(), "resumed.partial")
+    partial = os.path.join(instruction_folder(), "resumed.partial")
     assert os.path.exists(partial)
-    monkeypatch.setattr(ca, "interrupt_check", lambda: False)
+    monkeypatch.setattr(nib, "interrupt_check", lambda: False)
     res = _learn(env, "resumed", steps=4).result[0]
     assert not os.path.exists(partial)
     for a, b in zip(full.parameters(), res.parameters()):
@@ -160,7 +163,7 @@ def test_bad_inputs(env):
         _learn(env, "bad", before=b, after=torch.rand(2, 32, 64, 3))
     with pytest.raises(ValueError, match="initial instruction is empty"):
         _learn(env, "bad", instruction="  ")
-    assert not any(f.startswith("bad") for f in os.listdir(ca.instruction_folder()))
+    assert not any(f.startswith("bad") for f in os.listdir(instruction_folder()))
     sd15, clip15, _, _ = inprocess.load_fixture()
     with pytest.raises(UnsupportedModelError, match="InstructPix2Pix"):
         _learn(env, "bad", model=sd15)
@@ -179,6 +182,6 @@ def test_apply_warns_once_per_run_when_the_instruction_never_reached_the_model(e
     with caplog.at_level("WARNING", logger="photoops.instructbrush"):
         _edit(env, patched, pos, steps=2)                            # the Apply conditioning: no warning
         assert not [r for r in caplog.records if "never applied" in r.getMessage()]
-        _edit(env, patched, ca.encode_text(clip, "a different prompt"), steps=2)
+        _edit(env, patched, encode_text(clip, "a different prompt"), steps=2)
     warned = [r for r in caplog.records if "never applied" in r.getMessage()]
     assert len(warned) == 1 and repr(PROMPT) in warned[0].getMessage()

@@ -15,7 +15,6 @@ import comfy.samplers  # noqa: E402
 
 from comfy_harness import fixtures  # noqa: E402
 from photoops.kernels.inversion_state import InversionMismatchError  # noqa: E402
-from photoops.nodes import comfy_adapter as ca  # noqa: E402
 from photoops.nodes import inversion as ninv  # noqa: E402
 from photoops.nodes.attention_mask import AttentionCaptureNode  # noqa: E402
 
@@ -160,7 +159,7 @@ def test_interrupt_leaves_nothing_and_model_untouched(env, monkeypatch):
             raise Stop()
         return False
 
-    monkeypatch.setattr(ca, "interrupt_check", boom)
+    monkeypatch.setattr(ninv, "interrupt_check", boom)
     with pytest.raises(Stop):
         _invert(env, "ddpm")
     monkeypatch.undo()
@@ -173,12 +172,18 @@ def test_save_and_load_nodes(env, tmp_path, monkeypatch):
     import folder_paths
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, ninv.FOLDER, ([str(tmp_path)], {".safetensors"}))
-    monkeypatch.setattr(ca, "register_folder", lambda name, sub: str(tmp_path))
+    monkeypatch.setattr(ninv, "register_folder", lambda name, sub: str(tmp_path))
     inv, _ = _invert(env, "ddpm")
     ninv.SaveInversionNode.execute(inv, "photo")
-    assert (tmp_path / "photo_00001.safetensors").exists()
+    # ComfyUI's output numbering (folder_paths.get_save_image_path): stem_00001_, then one more than the largest
+    assert (tmp_path / "photo_00001_.safetensors").exists()
+    (tmp_path / "photo_00007_.safetensors").write_bytes(b"")
+    ninv.SaveInversionNode.execute(inv, "../photo")                 # path parts stripped: no hidden / outside file
+    assert (tmp_path / "photo_00008_.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert oct((tmp_path / "photo_00008_.safetensors").stat().st_mode & 0o777) == "0o644"
     folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
-    loaded = ninv.LoadInversionNode.execute("photo_00001.safetensors").result[0]
+    loaded = ninv.LoadInversionNode.execute("photo_00001_.safetensors").result[0]
     assert _rel(_replay(env, loaded, env["pos"]), env["latent"]["samples"]) < 1e-4
 
 

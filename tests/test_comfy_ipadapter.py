@@ -31,6 +31,7 @@ if _TESTS not in sys.path:
 from comfy_harness import comfyenv
 from comfy_harness import pytest_fixtures as _fx
 from comfy_harness.convert import ui_to_api
+from comfy_harness.overrides import apply_overrides
 from comfy_harness.ipadapter_fixtures import PACK_NAME, cached_ipadapter_fixtures, pack_skip_reason
 from comfy_harness.server import ComfyServer, output_images
 
@@ -121,7 +122,7 @@ def test_pops_ipadapter_workflow_runs_and_the_adapter_changes_the_image(ipa_serv
     import numpy as np
 
     srv = ipa_server
-    prompt = ui_to_api(json.loads(WF.read_text()), srv.object_info())
+    prompt = apply_overrides(ui_to_api(json.loads(WF.read_text()), srv.object_info()))
     ipe, ks, unet = _node(prompt, "IPAdapterEmbeds"), _node(prompt, "KSampler"), _node(prompt, "UNETLoader")
     assert prompt[ks]["inputs"]["model"] == [ipe, 0]
     with_ipa = _run_image(srv, prompt, "run pops_ipadapter_sdxl.json")

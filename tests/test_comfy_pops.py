@@ -14,9 +14,12 @@ import comfy.model_management
 import comfy.sd
 import folder_paths
 from comfy_harness.pops_fixtures import cached_pops_fixtures
+from comfy_harness.stub_nodes.clip_vision_any import load_clip_vision_any
 from photoops.kernels import pops as kp
 from photoops.kernels import pops_weights as pw
-from photoops.nodes import comfy_adapter as ca
+from photoops.nodes.comfy.files import register_model_folder
+from photoops.nodes.comfy.models import load_on_device
+from photoops.nodes.comfy.pops import make_clip_vision_output
 from photoops.nodes import pops as npops
 from tiny import one_thread  # noqa: F401
 
@@ -26,11 +29,11 @@ import nodes as core_nodes
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     files = cached_pops_fixtures()
-    ca.register_model_folder(npops.FOLDER, npops.FOLDER)
+    register_model_folder(npops.FOLDER, npops.FOLDER)
     folder_paths.add_model_folder_path(npops.FOLDER, str(files["pops"][0].parent))
     folder_paths.add_model_folder_path("clip_vision", str(files["clip_vision"][0].parent))
     op = npops.PopsOperatorLoaderNode.execute(files["pops"][0].name, npops.IN_FILE, "auto").result[0]
-    cv = npops.CLIPVisionLoaderAnyNode.execute(files["clip_vision"][0].name).result[0]
+    cv = load_clip_vision_any(str(files["clip_vision"][0]))
     g = torch.Generator().manual_seed(0)
     img_a = torch.rand(1, 64, 64, 3, generator=g)
     img_b = torch.rand(1, 48, 80, 3, generator=g)
@@ -64,7 +67,7 @@ def test_loader_and_operator_apply_equal_the_kernel(env):
     A = kp.normalize(env["a"].image_embeds, op.mean, op.std)
     B = kp.normalize(env["b"].image_embeds, op.mean, op.std)
     H, Hn, M = kp.build_condition([A, B])
-    prior = ca.load_on_device(op.patcher)
+    prior = load_on_device(op.patcher)
     want = kp.sample(prior, H, M, op.mean, op.std, steps=6, guidance=8.0, seed=42, H_neg=Hn)
     torch.testing.assert_close(cvo.image_embeds.float().cpu(), want.cpu(), rtol=0, atol=0)
     # the prior is managed by ComfyUI's model management
@@ -104,15 +107,15 @@ def test_released_layout_through_the_loader_node(env, tmp_path):
 
 
 def test_bad_inputs(env):
-    vit_h = ca.make_clip_vision_output(torch.randn(1, 1024))
+    vit_h = make_clip_vision_output(torch.randn(1, 1024))
     with pytest.raises(kp.EmbeddingWidthError, match=r"1024-d.*1280-d"):
         _apply(env, a=vit_h)
     with pytest.raises(kp.EmbeddingWidthError, match=r"input_b is a 1024-d"):
         _apply(env, b=vit_h)
     with pytest.raises(ValueError, match="batch sizes"):
-        _apply(env, a=ca.make_clip_vision_output(torch.randn(2, 1280)),
-               b=ca.make_clip_vision_output(torch.randn(3, 1280)))
-    batched = _apply(env, a=ca.make_clip_vision_output(torch.randn(3, 1280)), b=env["b"])[0]
+        _apply(env, a=make_clip_vision_output(torch.randn(2, 1280)),
+               b=make_clip_vision_output(torch.randn(3, 1280)))
+    batched = _apply(env, a=make_clip_vision_output(torch.randn(3, 1280)), b=env["b"])[0]
     assert batched.image_embeds.shape == (3, 1280)
 
 
@@ -204,7 +207,7 @@ def test_instruct_operator_takes_text_tokens(env, sd15, tmp_path):
     folder_paths.add_model_folder_path(npops.FOLDER, str(tmp_path))
     op = npops.PopsOperatorLoaderNode.execute("instruct/learned_prior.pth", "stats768.safetensors", "fp32").result[0]
     assert op.name == "instruct" and op.default_guidance == 1.0
-    a = ca.make_clip_vision_output(torch.randn(1, 768))
+    a = make_clip_vision_output(torch.randn(1, 768))
     shiny = npops.PopsTextNode.execute(clip, "shiny").result[0]
     aged = npops.PopsTextNode.execute(clip, "aged").result[0]
     run = lambda t, **kw: npops.OperatorApplyNode.execute(op, a, steps=4, guidance=-1.0, seed=0, drop_a=False,

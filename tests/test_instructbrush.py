@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from photoops.kernels import instructbrush as ib
+from photoops.kernels.instructbrush_diffusers import DiffusersIP2P
 from photoops.kernels.attention import AttentionHook, AttentionHooks
 from photoops.kernels.schedule import VPSchedule
 from tiny import byte_tokenizer, one_thread  # noqa: F401
@@ -57,7 +58,7 @@ def parts():
 
 def make(parts, time_ranges=1, strength=1.0):
     hooks = AttentionHooks()
-    model = ib.DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], hooks, schedule=parts["sched"])
+    model = DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], hooks, schedule=parts["sched"])
     pos = ib.prompt_positions(parts["m"])
     k0, v0 = model.capture(pos)
     inst = ib.LearnedInstruction(PROMPT, pos, k0, v0, time_ranges=time_ranges)
@@ -89,7 +90,7 @@ def test_identity_at_init_and_coverage(parts):
     with torch.no_grad():
         patched = model(after, t, before, True)
         hooks_off = AttentionHooks()
-        plain = ib.DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], hooks_off)(after, t, before, True)
+        plain = DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], hooks_off)(after, t, before, True)
     assert (patched - plain).abs().max() < 1e-6
     layers = model.layers()
     assert hook.hits == len(layers) and hook.misses == 0          # every cross-attention layer, the cond chunk
@@ -133,7 +134,7 @@ def test_locality_only_instruction_rows_of_the_conditional_branch(parts):
     holder.call = None
     ref = KSeen()
     hooks2 = AttentionHooks([ref])
-    model2 = ib.DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], hooks2)
+    model2 = DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], hooks2)
     model2.holder.call = CallInfo(sigma=1.0, chunks=[0, 1], rows_per_chunk=1, latent_hw=(8, 8))
     with torch.no_grad():
         parts["unet"](torch.cat([torch.cat([after, before], 1)] * 2), 10, ctx)
@@ -160,7 +161,7 @@ def test_other_prompt_is_not_patched_and_strength_blends(parts):
     t = torch.tensor([300])
     with torch.no_grad():
         s0 = model(after, t, before, True)
-        plain = ib.DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], AttentionHooks())(after, t, before, True)
+        plain = DiffusersIP2P(parts["unet"], parts["cond"], parts["uncond"], AttentionHooks())(after, t, before, True)
     assert torch.equal(s0, plain) or (s0 - plain).abs().max() < 1e-6     # strength 0 = plain IP2P
     hook.strength = 1.0
     hook.reset_counts()
@@ -168,7 +169,7 @@ def test_other_prompt_is_not_patched_and_strength_blends(parts):
         model.cond = parts["other"]                                      # a different P0: rows misaligned
         o = model(after, t, before, True)
     assert hook.hits == 0 and hook.misses > 0
-    assert (o - ib.DiffusersIP2P(parts["unet"], parts["other"], parts["uncond"], AttentionHooks())(
+    assert (o - DiffusersIP2P(parts["unet"], parts["other"], parts["uncond"], AttentionHooks())(
         after, t, before, True)).abs().max() < 1e-6
 
 

@@ -358,7 +358,7 @@ def _pops_apply(g: Graph, operator_widgets, a, b, seed, pos, title):
     return app
 
 
-def _pops_texturing(g: Graph, clip_vision=("PhotoOps_CLIPVisionLoader", POPS_CLIP_VISION),
+def _pops_texturing(g: Graph, clip_vision=("CLIPVisionLoader", POPS_CLIP_VISION),
                     operator=(POPS_OPERATOR, "(in the operator file)", "auto")):
     """Two photos -> CLIP Vision Encode (ViT-bigG) -> texturing operator; returns (clip vision loader, apply)."""
     cvl = g.node(clip_vision[0], outputs=[("CLIP_VISION", "CLIP_VISION")], widgets=[clip_vision[1]],

@@ -37,13 +37,13 @@ class private_embeddings_output:
 
     def __enter__(self) -> str:
         import folder_paths
-        from photoops.nodes import comfy_adapter as ca
+        from photoops.nodes.comfy.files import embeddings_dir
 
         self.old_out = folder_paths.get_output_directory()
         self.old = folder_paths.folder_names_and_paths.get("embeddings")
         folder_paths.set_output_directory(self.out_dir)
         folder_paths.folder_names_and_paths["embeddings"] = ([], {".safetensors", ".pt", ".bin"})
-        return ca.embeddings_dir()
+        return embeddings_dir()
 
     def __exit__(self, *exc):
         import folder_paths

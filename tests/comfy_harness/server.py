@@ -16,8 +16,9 @@ The server gets:
 * throw-away user/input/output/temp directories (one temp root, removed at
   the end unless ``keep=True`` or $PHOTOOPS_KEEP_COMFY_TMP is set);
 * an extra-model-paths YAML whose ``custom_nodes`` root holds a symlink
-  ``photoops`` -> the repository root (and, when spandrel is missing, a
-  test-only placeholder ``UpscaleModelLoader`` node, see
+  ``photoops`` -> the repository root and one ``photoops_test_stubs`` ->
+  ``stub_nodes/`` (test-only nodes: the any-size CLIP vision loader and, when
+  spandrel is missing, a placeholder ``UpscaleModelLoader``, see
   docs/comfyui-integration.md §10.7), and whose ``checkpoints`` folder holds
   the random SD1.5 fixture checkpoint (``fixtures.FIXTURE_CHECKPOINT_NAME``);
 * a seeded user settings file (tutorial done, canvas navigation "custom",
@@ -55,6 +56,7 @@ from . import comfyenv
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_LINK_NAME = "photoops"
 STUB_NODES_DIR = "photoops_test_stubs"
+STUB_NODES_SRC = Path(__file__).resolve().parent / "stub_nodes"
 
 #: Settings written to user/default/comfy.settings.json before the page opens.
 DEFAULT_SETTINGS = {
@@ -63,37 +65,6 @@ DEFAULT_SETTINGS = {
     "LiteGraph.Canvas.MinFontSizeForLOD": 0,
 }
 
-_UPSCALE_STUB = '''"""Test-only stand-in for ComfyUI's core UpscaleModelLoader.
-
-Written by PhotoOps' test harness when spandrel (and so the core node) is
-missing: frontend 1.27.10 breaks every ckpt_name/vae_name/lora_name widget when
-that node is absent (docs/comfyui-integration.md section 10.7).  Never part of
-the pack.
-"""
-import nodes as _core_nodes
-
-
-class PhotoOpsTestStubUpscaleModelLoader:
-    DESCRIPTION = "Test stub: the real node needs spandrel. Running it raises an error."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model_name": (["none"], {"tooltip": "Placeholder (no upscale models)."})}}
-
-    RETURN_TYPES = ("UPSCALE_MODEL",)
-    FUNCTION = "load_model"
-    CATEGORY = "loaders"
-
-    def load_model(self, model_name):
-        raise RuntimeError("UpscaleModelLoader is a test placeholder (spandrel is not installed)")
-
-
-if "UpscaleModelLoader" in _core_nodes.NODE_CLASS_MAPPINGS:
-    NODE_CLASS_MAPPINGS = {}
-else:
-    NODE_CLASS_MAPPINGS = {"UpscaleModelLoader": PhotoOpsTestStubUpscaleModelLoader}
-    NODE_DISPLAY_NAME_MAPPINGS = {"UpscaleModelLoader": "Load Upscale Model (test stub)"}
-'''
 
 
 def _fixture_model_files() -> dict:
@@ -254,9 +225,10 @@ class ComfyServer:
                     [env["PHOTOOPS_TORCHVISION_PLACEHOLDER"]] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
                 )
             stub = not _python_can_import(self.python, "spandrel", probe_env)
-        if stub:
-            (cn / STUB_NODES_DIR).mkdir()
-            (cn / STUB_NODES_DIR / "__init__.py").write_text(_UPSCALE_STUB)
+        # the test-only nodes (tests/comfy_harness/stub_nodes): the any-size CLIP vision loader, and
+        # the UpscaleModelLoader placeholder when ``stub``
+        (cn / STUB_NODES_DIR).symlink_to(STUB_NODES_SRC, target_is_directory=True)
+        env["PHOTOOPS_TEST_UPSCALE_STUB"] = "1" if stub else "0"
         # only these custom node folders load (ComfyUI also scans <comfy_dir>/custom_nodes)
         self.custom_node_whitelist = sorted(p.name for p in cn.iterdir()) + self.third_party_nodes
 

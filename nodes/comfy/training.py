@@ -1,0 +1,74 @@
+"""Training: running a loaded ComfyUI model with gradients (Concept Learn).
+
+Touches ``BaseModel.apply_model`` (k-diffusion input, x0 output: ComfyUI's own
+``calculate_input`` / ``calculate_denoised``), SDXL's ``encode_adm``, ``process_latent_in`` and
+``comfy.model_management.load_models_gpu``.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+
+from ...kernels.protocol import UnsupportedModelError
+from .models import ensure_supported, prediction_type, vp_schedule
+
+
+class ComfyGradDenoiser:
+    """:class:`~..kernels.concept_learn.GradDenoiser` over a (hooked) ModelPatcher.
+
+    Calls ``BaseModel.apply_model`` (k-diffusion input, x0 output: ComfyUI's own
+    ``calculate_input`` / ``calculate_denoised``) with the patcher's transformer options, so
+    the attn2 replace patches of :func:`attach_attention_hooks` see the call as cond 0.
+    Call :meth:`load` first (weights patched and on the device).
+    """
+
+    def __init__(self, patcher):
+        ensure_supported(patcher)
+        self.patcher = patcher
+        self.schedule = vp_schedule(patcher)
+        self.prediction_type = prediction_type(patcher)
+        self.device = comfy.model_management.get_torch_device()
+
+    def load(self):
+        comfy.model_management.load_models_gpu([self.patcher])
+        self.device = self.patcher.load_device
+
+    def predict_x0_grad(self, x, sigma, cond):
+        """``cond``: a context tensor, or SDXL's ``{"c_crossattn", "pooled_output"}`` (:class:`ComfyConceptText`).
+
+        SDXL's ADM vector is built by the model's own ``encode_adm`` from the pooled output
+        (differentiable) and the size conditioning: original = target size = the latent's
+        pixel size (``x`` x the VAE factor 8), crop (0, 0) [D: the training crops are centre
+        crops resized to the training resolution, so this is what the model sees].
+        """
+        model = self.patcher.model
+        B = x.shape[0]
+        x = x.to(self.device)
+        sigma = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(B)
+        opts = dict(self.patcher.model_options.get("transformer_options", {}))
+        opts.update({"cond_or_uncond": [0], "sigmas": sigma, "uuids": [None]})
+        extra = {}
+        if isinstance(cond, dict):
+            pooled = cond.get("pooled_output")
+            cond = cond["c_crossattn"]
+            if getattr(model, "adm_channels", 0):
+                if pooled is None:
+                    raise UnsupportedModelError(f"{type(model).__name__} needs a pooled text output (SDXL CLIP)")
+                h, w = int(x.shape[-2]) * 8, int(x.shape[-1]) * 8
+                y = model.encode_adm(pooled_output=pooled.to(self.device), width=w, height=h,
+                                     target_width=w, target_height=h, crop_w=0, crop_h=0, device=self.device)
+                extra["y"] = y.to(self.device).expand(B, -1)
+        elif getattr(model, "adm_channels", 0):
+            raise UnsupportedModelError(f"{type(model).__name__} needs the pooled output of an SDXL CLIP "
+                                        f"(ADM conditioning); connect the checkpoint's own CLIP")
+        ctx = cond.to(self.device).expand(B, -1, -1)
+        out = model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=opts, **extra)
+        return out.float()
+
+
+def encode_images_for_training(model, vae, images: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W, 3]`` in [0,1] -> model-space latents ``[N, C, h, w]`` (``process_latent_in``), float32."""
+    with torch.no_grad():
+        lat = vae.encode(images[..., :3])
+        return model.model.process_latent_in(lat.float()).float().clone()
