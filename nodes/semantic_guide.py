@@ -2,8 +2,8 @@
 
 LEDITS = Invert (ddpm) + Inversion Sampler + this guider in ``sega`` mode;
 LEDITS++ = the same in ``ledits++`` mode (implicit masks from cross-attention and the noise
-estimate, no momentum).  All conditionings — negative, target, and every concept — are
-evaluated in one batched model call per step.  The maths is in ``kernels/sega.py``; this
+estimate, no momentum).  All conditionings — target (only when its CFG is on), negative, and
+every concept, in core's order — are evaluated in one batched model call per step.  The maths is in ``kernels/sega.py``; this
 file only converts between ComfyUI's denoised predictions and eps (spec §2.4:
 ``eps = (x - D) / sigma``, ``D_hat = x - sigma * e_hat``; momentum lives in eps units).
 """
@@ -108,8 +108,11 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
     ensure_supported(model)
     concepts = list(concepts or [])
     kcs = [c.concept for c in concepts]
-    order = ["negative", "positive"] + [f"concept{i}" for i in range(len(concepts))]
-    conds = {"negative": negative, "positive": positive}
+    # core's order (CFGGuider, PerpNegGuider): positive, negative, then the concepts; no positive row
+    # when the target CFG is off (it would only cost UNet batch)
+    order = (["positive"] if use_target else []) + ["negative"] + [f"concept{i}" for i in range(len(concepts))]
+    i_pos, i_neg, i_c0 = (0, 1, 2) if use_target else (None, 0, 1)
+    conds = {"negative": negative, **({"positive": positive} if use_target else {})}
     conds.update({f"concept{i}": c.conditioning for i, c in enumerate(concepts)})
     recorders = []
     patched = model
@@ -117,7 +120,7 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         hooks = AttentionHooks()
         for i, c in enumerate(concepts):                       # spec §4.4 step 3: tokens 1..n_tok, 1/4-size layers
             recorders.append(hooks.add(TokenMapRecorder(list(range(1, c.n_tokens + 1)), prompt_len=77,
-                                                        cond_index=2 + i, layers="lowres")))
+                                                        cond_index=i_c0 + i, layers="lowres")))
         patched = attach_attention_hooks(model, hooks)
     sega = ksega.SemanticGuidance(kcs, momentum_scale=momentum_scale, momentum_beta=momentum_beta)
     schedule = vp_schedule(model)
@@ -130,33 +133,43 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         for r in recorders:
             r.reset()
 
-    def combine(x, sigma, outs, step):
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        eps = [(x - d) / s for d in outs]                               # §2.4
-        e_u, e_t, e_cs = eps[0], eps[1], eps[2:]
+    def combine(x_in, sigma, outs, step):
+        # [ours] eps (§2.4) in float64 for the concept terms; the target CFG part is assembled in
+        # denoised space exactly as core's cfg_function does (uncond + (cond - uncond) * cfg), so
+        # concepts that do not act leave core CFG's result bit for bit (the tiny test UNet turns a
+        # one-ulp difference into 1e-5 over a replay)
+        x = x_in.double()
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, torch.float64)
+        eps = [(x - d.double()) / s for d in outs]                      # §2.4
+        e_u, e_t, e_cs = eps[i_neg], (eps[i_pos] if use_target else None), eps[i_c0:]
+        d_u = outs[i_neg]
+        d_cfg = d_u + (outs[i_pos] - d_u) * cfg if use_target else d_u
         if mode == "sega":
-            e_hat = sega.guide(e_u, e_t if use_target else None, e_cs, step, cfg)
+            e_hat = sega.guide(e_u, e_t, e_cs, step, cfg)
+            if sega.require_cfg_for_sega and cfg <= 1:      # the reference's no-CFG branch: e_t (or e_u)
+                return (x - s * e_hat).to(x_in.dtype).nan_to_num()
+            semantic = sega.last_guidance                                   # (S9): e_hat = e_u + g_p + this
             if kcs:   # preview: where each applied concept's percentile mask keeps guidance (any channel)
                 store.add(torch.stack([
                     ksega.percentile_mask(ksega.concept_direction(e_c, e_u, c), c.threshold).any(1)
                     & torch.tensor(c.warm(step) and not c.cooled(step)) for c, e_c in zip(kcs, e_cs)]))
         else:
             maps = [r.result() for r in recorders] if recorders else None
-            e_hat, masks = ksega.ledits_pp_guidance(e_u, e_cs, kcs, maps, step,
-                                                    timestep=float(schedule.timestep(sigma[0])),
-                                                    use_intersect=mask_mode == "intersect",
-                                                    use_cross_attn=mask_mode in ("intersect", "cross_attention"),
-                                                    return_masks=True)
+            e_pp, masks = ksega.ledits_pp_guidance(e_u, e_cs, kcs, maps, step,
+                                                   timestep=float(schedule.timestep(sigma[0])),
+                                                   use_intersect=mask_mode == "intersect",
+                                                   use_cross_attn=mask_mode in ("intersect", "cross_attention"),
+                                                   return_masks=True)
+            semantic = e_pp - e_u                                           # the masked concept guidance
             if kcs:
                 store.add(masks.amax(2))
-            if use_target:
-                e_hat = e_hat + cfg * (e_t - e_u)                       # optional target CFG (issue 5)
             for r in recorders:
                 r.reset()
-        out = x - s * e_hat
+        out = d_cfg - (s * semantic).to(d_cfg.dtype)
         return out.nan_to_num()                                        # guard: zero-norm guidance, 0/0
 
-    guider = CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start)
+    guider = CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start,
+                           uncond_key="negative", cond_key="positive" if use_target else None)
     guider.photoops_masks = store
     return guider, recorders
 

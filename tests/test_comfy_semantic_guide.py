@@ -112,3 +112,56 @@ def test_concept_masks_preview(env, mode):
     assert 0 < float(mask.max()) <= 6 / 8 + 1e-6 and float(mask.min()) >= 0
     with pytest.raises(ValueError, match="out of range"):
         nsg.ConceptMasksNode.execute(store, {"samples": out}, 3)
+
+
+@pytest.mark.parametrize("use_target", [True, False])
+def test_guided_result_recomputed_from_the_rows_it_expects(env, use_target):
+    """Record every row the model computes during one guider step, identify each row by its text
+    conditioning (positive, negative, concept k) — not by its position — and recompute the guided
+    result with the kernel.  A mistake in row order or in ``cond_or_uncond`` fails here; so does a
+    positive row computed while the target CFG is off."""
+    from photoops.kernels import sega as ksega
+
+    concepts = _concept(env, "blue circle", scale=7.0, previous=_concept(env, "red", scale=5.0, direction="remove"))
+    texts = {"positive": env["src"][0][0], "negative": env["neg"][0][0],
+             "concept0": concepts[0].conditioning[0][0], "concept1": concepts[1].conditioning[0][0]}
+    seen = []
+
+    def recorder(apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        ctx = args["c"]["c_crossattn"]
+        n = len(args["cond_or_uncond"])
+        rows = args["c"]["transformer_options"].get("photoops_rows")
+        for j, (flag, ctx_j, out_j) in enumerate(zip(args["cond_or_uncond"], ctx.chunk(n), out.chunk(n))):
+            name = next(k for k, t in texts.items() if t[0].shape == ctx_j[0].shape and torch.equal(t[0], ctx_j[0].cpu()))
+            seen.append((name, flag, rows[j] if rows else None, out_j.clone()))
+        return out
+
+    model = env["model"].clone()
+    model.set_model_unet_function_wrapper(recorder)
+    guider, _ = nsg.build_guider(model, env["src"], env["neg"], concepts, 3.0, "sega", 0.3, 0.6, use_target)
+    lat = env["latent"]["samples"]
+    sigmas = _sigmas(env["model"], 4)[:2]
+    box = {}
+
+    def one_step(model_k, x, sig, extra_args=None, callback=None, disable=None):
+        box["x"], box["den"] = x.clone(), model_k(x, sig[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+        return box["den"]
+
+    guider.sample(torch.zeros_like(lat), lat, comfy.samplers.KSAMPLER(one_step), sigmas, disable_pbar=True, seed=0)
+    names = [s[0] for s in seen]              # in the order calc_cond_batch packed them into the batch
+    want = (["positive"] if use_target else []) + ["negative", "concept0", "concept1"]     # core's order
+    assert sorted(names) == sorted(want), names                          # no unused positive row
+    assert [s[1] for s in seen] == [1 if n == "negative" else 0 for n in names]   # core's cond/uncond flags
+    assert [want[s[2]] for s in seen] == names    # the row index our hooks see is the conditioning's place
+    rows = {s[0]: s[3] for s in seen}
+    x, sigma = box["x"], float(sigmas[0])
+    eps = {k: (x - v) / sigma for k, v in rows.items()}
+    sega = ksega.SemanticGuidance([c.concept for c in concepts], momentum_scale=0.3, momentum_beta=0.6)
+    e_hat = sega.guide(eps["negative"], eps["positive"] if use_target else None,
+                       [eps["concept0"], eps["concept1"]], 0, 3.0)
+    expect = x - sigma * e_hat
+    assert float((box["den"] - expect).abs().max()) <= 1e-5 * float(expect.abs().max())
+    # and the concepts did act: without them the result differs
+    plain = x - sigma * (eps["negative"] + (3.0 * (eps["positive"] - eps["negative"]) if use_target else 0))
+    assert float((box["den"] - plain).abs().max()) > 1e-3 * float(expect.abs().max())

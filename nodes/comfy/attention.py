@@ -42,7 +42,9 @@ def cross_attention_layers(model) -> list:
 
 
 def _call_info(q, extra_options) -> CallInfo:
-    chunks = list(extra_options.get("cond_or_uncond") or [0])
+    # row indices in the guider's conditioning list: our CombineGuider keeps them under
+    # "photoops_rows" (it shows other packs core's 0/1 flags); other guiders use the indices
+    chunks = list(extra_options.get("photoops_rows") or extra_options.get("cond_or_uncond") or [0])
     sig = extra_options.get("sigmas")
     sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) else float(sig or 0.0)
     step, total = step_of_sigma(sigma, extra_options.get("sample_sigmas"))

@@ -59,21 +59,60 @@ def interrupt_check():
     return False
 
 
+ROWS_KEY = "photoops_rows"
+
+
+def _flags_wrapper(flags: list, previous):
+    """A ``model_function_wrapper`` that labels the batch's chunks as core's CFG does.
+
+    ``calc_cond_batch`` sets ``cond_or_uncond`` to each chunk's index in the guider's list of
+    conditionings; other packs' patches read it as core CFG's flags (0 = conditional, 1 =
+    unconditional: IPAdapter_plus picks its cond/uncond keys by it, SAG finds the uncond rows).
+    The wrapper rewrites it to those flags (``flags[index]``) and keeps the indices under
+    ``transformer_options["photoops_rows"]`` for PhotoOps' own attention hooks.
+    """
+
+    def wrapper(apply_model, args):
+        rows = list(args["cond_or_uncond"])
+        c = dict(args["c"])
+        opts = dict(c.get("transformer_options", {}))
+        opts[ROWS_KEY] = rows
+        opts["cond_or_uncond"] = [flags[i] for i in rows]
+        c["transformer_options"] = opts
+        args = {**args, "c": c, "cond_or_uncond": opts["cond_or_uncond"]}
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    return wrapper
+
+
 class CombineGuider(comfy.samplers.CFGGuider):
     """A GUIDER over several named conditionings, evaluated in ONE batched model call per step
     (as core PerpNegGuider does) and combined by a kernel function.
 
+    ``order`` lists the conditionings in core's order: the positive / target (when there is
+    one: ``cond_key``), then the negative (``uncond_key``), then the rest (concepts).  The
+    model sees ``cond_or_uncond`` flags as core CFG sets them (:func:`_flags_wrapper`: 1 for the
+    negative, 0 for every other row); PhotoOps' hooks see the row indices.
+
     ``combine(x, sigma, outs, step)`` gets the denoised predictions in ``order`` and the
     0-based step counted from the first step this run evaluates (so skipped steps of an
     inversion replay do not count toward warm-ups); it returns the guided denoised.
-    Pre- and post-CFG hooks of other nodes are replayed around it.  ``on_run_start(sigmas)``
-    is called when a sampling run starts (reset momentum, validate step counts).
+    Pre- and post-CFG hooks of other nodes are replayed around it: pre-CFG functions get the
+    conditionings and outputs in ``order``; post-CFG functions get the negative as ``uncond``
+    and the positive as ``cond`` (without a positive: the guided result as ``cond_denoised``,
+    the negative as ``cond``) [ours].  ``on_run_start(sigmas)`` is called when a sampling run
+    starts (reset momentum, validate step counts).
     """
 
-    def __init__(self, model_patcher, conds: dict, order: list, combine, cfg: float, on_run_start=None):
+    def __init__(self, model_patcher, conds: dict, order: list, combine, cfg: float, on_run_start=None,
+                 uncond_key: str = "negative", cond_key: str | None = "positive"):
         super().__init__(model_patcher)
         self.inner_set_conds(conds)
         self.order, self.combine, self.cfg = list(order), combine, float(cfg)
+        self.uncond_key, self.cond_key = uncond_key, cond_key if cond_key in order else None
+        self.flags = [1 if k == uncond_key else 0 for k in self.order]
         self.on_run_start = on_run_start
         self._first = None
 
@@ -85,7 +124,9 @@ class CombineGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         conds = [self.conds.get(k) for k in self.order]
-        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        opts = dict(model_options)
+        opts["model_function_wrapper"] = _flags_wrapper(self.flags, model_options.get("model_function_wrapper"))
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, opts)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
                       "sigma": timestep, "model": self.inner_model, "model_options": model_options})
@@ -95,9 +136,12 @@ class CombineGuider(comfy.samplers.CFGGuider):
         if self._first is None:
             self._first = step
         result = self.combine(x, timestep, out, step - self._first)
+        u = self.order.index(self.uncond_key)
+        c = self.order.index(self.cond_key) if self.cond_key is not None else None
         for fn in model_options.get("sampler_post_cfg_function", []):
-            result = fn({"denoised": result, "cond": conds[1], "uncond": conds[0], "model": self.inner_model,
-                         "uncond_denoised": out[0], "cond_denoised": out[1], "sigma": timestep,
+            result = fn({"denoised": result, "cond": conds[u if c is None else c], "uncond": conds[u],
+                         "model": self.inner_model, "uncond_denoised": out[u],
+                         "cond_denoised": result if c is None else out[c], "sigma": timestep,
                          "model_options": model_options, "input": x, "cond_scale": self.cfg})
         return result
 
