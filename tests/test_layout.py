@@ -95,3 +95,36 @@ def test_every_save_goes_through_the_one_helper():
         src = p.read_text()
         for bad in ("save_file(", "torch.save(", "os.replace("):
             assert bad not in src, f"{p.relative_to(ROOT)} writes with {bad} (use kernels/files.py)"
+
+
+def test_registry_metadata_is_consistent():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    proj, comfy = meta["project"], meta["tool"]["comfy"]
+    assert proj["license"]["text"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert comfy["Icon"].endswith("web/icon.png") and (ROOT / "web" / "icon.png").exists()
+    assert not any("CUDA" in c for c in proj["classifiers"])
+    reqs = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    assert reqs == proj["dependencies"], (reqs, proj["dependencies"])
+    ignored = (ROOT / ".comfyignore").read_text().split()
+    assert {"tests/", "bench/", "tools/toyworld/"} <= set(ignored)
+
+
+def test_runtime_requirements_are_what_the_shipped_nodes_import():
+    """Every third-party module the shipped pack imports is torch (ComfyUI's) or a listed requirement;
+    diffusers / transformers (tests, library use) are not imported by the shipped code."""
+    import sys
+
+    reqs = {ln.split(">")[0].split("=")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")}
+    allowed = reqs | {"torch", "comfy_api"} | set(COMFY_ROOTS) | set(sys.stdlib_module_names)
+    found = {}
+    for p in _pack_files("nodes") + _pack_files("kernels") + [ROOT / "__init__.py"]:
+        for lvl, m in _imports(p):
+            if lvl == 0 and m:
+                found.setdefault(m.split(".")[0], p.name)
+    extra = {m: f for m, f in found.items() if m not in allowed}
+    assert not extra, f"shipped code imports packages that are not requirements: {extra}"
+    assert "diffusers" not in found and "transformers" not in found
