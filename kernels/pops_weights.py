@@ -25,6 +25,7 @@ to be ``inner_dim // 64`` (the Kandinsky prior: 2048 / 64 = 32 heads).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ import torch
 
 from .files import ChecksumError, save_safetensors_atomic, verify_checksum
 from .pops import OPERATOR_DEFAULTS, OperatorPrior, PriorConfig
+
+LOG = logging.getLogger("photoops.pops")
 
 __all__ = [
     "HEAD_DIM_DEFAULT",
@@ -103,16 +106,25 @@ def _read_safetensors(path: str, keys: tuple | None = None):
 
 
 def _read_pickle(path: str) -> dict:
-    """The safe unpickler, memory-mapped when the file is a zip-format checkpoint."""
+    """The safe unpickler, memory-mapped when the file is a zip-format checkpoint.
+
+    Every failure is a :class:`PopsFileError` naming the file; torch's own advice to retry with
+    ``weights_only=False`` (which would run code from the file) is never passed on.
+    """
+    if os.path.getsize(path) == 0:
+        raise PopsFileError(f"{path}: the file is empty (0 bytes): an interrupted download or copy? "
+                            f"Fetch the operator file again")
     is_zip = zipfile.is_zipfile(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:  # UnpicklingError (non-tensor objects), RuntimeError/EOFError (truncated) ...
-        kind = type(e).__name__
-        hint = ("it holds objects other than tensors, which the safe loader refuses"
-                if "weights_only" in str(e) or "Unsupported global" in str(e) else "truncated or corrupt?")
-        raise PopsFileError(f"{path}: cannot be read as a PyTorch weights file ({hint}): {kind}: "
-                            f"{str(e).splitlines()[0][:300]}") from e
+        text = str(e)
+        refused = "weights_only" in text or "Weights only" in text or "Unsupported global" in text
+        hint = ("it holds objects other than tensors, which the safe loader refuses; PhotoOps never loads "
+                "such files" if refused else "truncated or corrupt?")
+        detail = "" if refused else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        raise PopsFileError(f"{path}: cannot be read as a PyTorch weights file ({hint}): {type(e).__name__}"
+                            + (f": {detail[:300]}" if detail else "")) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -237,6 +249,9 @@ def load_operator(path: str, stats_path: str | None = None, num_attention_heads:
     config = infer_config({k: tuple(v.shape) for k, v in sd.items()}, heads)
     _validate(sd, config, path)
     st = _stats_from(stats_in_file, path, config.embedding_dim)
+    if st is not None and stats_path:
+        LOG.warning("pOps: %s carries its own clip_mean/clip_std; the chosen statistics file %s is not used",
+                    os.path.basename(path), os.path.basename(str(stats_path)))
     if st is None:
         if not stats_path:
             raise PopsFileError(f"{path}: the operator file has no clip_mean/clip_std (the released pOps files do "

@@ -15,6 +15,7 @@ inprocess.require("test_comfy_concept_learn")
 import comfy.model_management
 import folder_paths
 from photoops.kernels import concept_learn as kcl
+from photoops.nodes.comfy.files import embedding_files
 from photoops.nodes.comfy.concepts import ComfyConceptText, read_concept_embedding, save_concept_embedding
 from comfy_harness.probe import lookup_embedding
 from photoops.nodes import concept_learn as ncl
@@ -145,6 +146,11 @@ def test_unchanged_inputs_do_not_retrain(env, monkeypatch):
     assert torch.equal(first.result[1], again.result[1]) and first.result[4] == again.result[4]
     with pytest.raises(ValueError, match="already exists"):       # changed inputs, same name, no overwrite
         _run(env, names="cl_cache", words="dog", steps=2)
+    # the run cache behind this is an internal file: on disk, but never offered as an embedding / resume point
+    caches = [f for f in os.listdir(os.path.join(env["dir"], "conceptlearn")) if f.startswith(".cache-")]
+    assert caches
+    listed = embedding_files()
+    assert "cl_cache.safetensors" in listed and not [f for f in listed if ".cache-" in f], listed
 
 
 def test_bad_inputs(env):

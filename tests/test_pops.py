@@ -325,3 +325,29 @@ def test_bad_files_give_clear_errors(released, tmp_path):
         pw.load_operator(str(pth), str(wide), 2)
     with pytest.raises(pw.PopsFileError, match="no such file"):
         pw.load_operator(str(tmp_path / "nope.pth"))
+
+
+def test_unreadable_operator_files_name_the_file_and_never_advise_unsafe_loading(released, tmp_path, caplog):
+    ref, pth, stats, _ = released
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(pw.PopsFileError, match=r"empty\.pth: the file is empty \(0 bytes\)"):
+        pw.load_operator(str(empty), str(stats), 2)
+    with pytest.raises(pw.PopsFileError, match=r"empty\.pth: the file is empty"):
+        pw.load_statistics(str(empty), 48)
+    evil = tmp_path / "evil.pth"
+    torch.save({"proj_in.weight": io.BytesIO(b"x")}, evil)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x80\x02not a pickle at all")
+    for bad in (evil, junk):
+        with pytest.raises(pw.PopsFileError) as ei:
+            pw.load_operator(str(bad), str(stats), 2)
+        msg = str(ei.value)
+        assert bad.name in msg and "weights_only" not in msg and "trust the source" not in msg, msg
+    # a statistics file chosen for an operator that carries its own is not silently ignored
+    own = tmp_path / "own.safetensors"
+    pw.convert(str(pth), str(own), str(stats), dtype=torch.float32, num_attention_heads=2)
+    with caplog.at_level("WARNING", logger="photoops.pops"):
+        pw.load_operator(str(own), str(stats))
+    assert any("carries its own clip_mean/clip_std" in r.getMessage() and "prior_stats.safetensors" in r.getMessage()
+               for r in caplog.records)

@@ -96,9 +96,11 @@ def find_embedding(name: str):
 
 
 def embedding_files() -> list:
+    """The ``.safetensors`` embeddings, without our hidden internal files (Concept Learn's run caches)."""
     import folder_paths
 
-    return [f for f in folder_paths.get_filename_list("embeddings") if f.endswith(".safetensors")]
+    return [f for f in folder_paths.get_filename_list("embeddings")
+            if f.endswith(".safetensors") and not os.path.basename(f).startswith(".")]
 
 
 def embedding_path(name: str) -> str:
