@@ -7,15 +7,19 @@ the sampler) and turns it into a MASK and a heat-map IMAGE.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from comfy_api.latest import io
 
 from ..kernels import maps as kmaps
 from ..kernels.attention import AttentionHooks, TokenMapRecorder
-from .comfy.attention import attach_attention_hooks
+from .comfy.attention import ContextWatch, attach_attention_hooks, watch_context
 from .comfy.models import ensure_supported
-from .comfy.text import tokenize_word
+from .comfy.sampling import progress_text
+from .comfy.text import text_condition, tokenize_word
+
+LOG = logging.getLogger("photoops.attention")
 
 CAPTURE = io.Custom("PHOTOOPS_ATTENTION_CAPTURE")
 VAE_FACTOR = 8  # SD1.x / SD2.x / SDXL VAEs; other families are refused by ensure_supported
@@ -30,6 +34,7 @@ class AttentionCapture:
     prompt: str
     positions: list
     vae_factor: int = VAE_FACTOR
+    watch: object = None        # the ContextWatch: ``watch.mismatch`` says why the prompt did not match
 
 
 class AttentionCaptureNode(io.ComfyNode):
@@ -64,7 +69,21 @@ class AttentionCaptureNode(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="A patched clone; sample with it."),
                 CAPTURE.Output(display_name="capture", tooltip="The recording; connect to Attention Mask."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, start_percent=None, end_percent=None, word=None):
+        """Checked before the queue runs (no **kwargs: ComfyUI keeps its own min/max checks of the other
+        inputs; a linked input arrives as None)."""
+        for name, v in (("start_percent", start_percent), ("end_percent", end_percent)):
+            if v is not None and not 0.0 <= v <= 1.0:
+                return f"{name} must be in [0, 1], got {v}"
+        if start_percent is not None and end_percent is not None and end_percent <= start_percent:
+            return f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})"
+        if word is not None and not str(word).strip():
+            return "the word to capture is empty"
+        return True
 
     @classmethod
     def execute(cls, model, clip, prompt, word, layers, start_percent, end_percent) -> io.NodeOutput:
@@ -74,8 +93,25 @@ class AttentionCaptureNode(io.ComfyNode):
         tok = tokenize_word(clip, prompt, word)
         recorder = TokenMapRecorder(tok["positions"], tok["prompt_len"], cond_index=0, layers=layers,
                                     steps=(start_percent, end_percent))
-        patched = attach_attention_hooks(model, AttentionHooks([recorder]), on_run_start=recorder.reset)
-        return io.NodeOutput(patched, AttentionCapture(recorder, word, prompt, tok["positions"]))
+        hidden = getattr(cls, "hidden", None)
+        node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
+
+        def mismatch(problem):
+            msg = (f"Attention Capture: {problem}: the sampler's positive prompt is not {prompt!r}, so the recorded "
+                   f"token positions {tok['positions']} may not be {word!r}. Give Attention Capture the exact text of "
+                   f"the CLIP Text Encode that feeds the sampler's positive input.")
+            LOG.warning(msg)
+            progress_text(node_id, msg)
+
+        watch = ContextWatch(text_condition(clip, prompt), 0, mismatch)
+
+        def on_run_start():
+            recorder.reset()
+            watch.reset()
+
+        patched = attach_attention_hooks(model, AttentionHooks([recorder]), on_run_start=on_run_start)
+        watch_context(patched, watch)
+        return io.NodeOutput(patched, AttentionCapture(recorder, word, prompt, tok["positions"], watch=watch))
 
 
 class AttentionMaskNode(io.ComfyNode):

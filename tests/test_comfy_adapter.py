@@ -225,3 +225,32 @@ def test_flow_and_edm_sampling_are_refused(ckpt):
         m = _with_sampling(ckpt["model"], *bases)
         with pytest.raises(UnsupportedModelError, match="discrete eps- and v-prediction"):
             ensure_supported(m)
+
+
+def test_capture_says_so_when_the_sampled_prompt_is_not_its_prompt(ckpt, caplog):
+    """The capture locates the word in its own prompt text; a sampler fed another prompt is detected
+    on the first model call (the context the UNet sees is compared with the prompt's encoding)."""
+    model, clip = ckpt["model"], ckpt["clip"]
+    enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))  # noqa: E731
+    neg = enc("")
+    patched, capture = AttentionCaptureNode.execute(model, clip, "a photo of a red circle", "circle", "lowres",
+                                                    0.0, 1.0).result
+    latent = torch.zeros(1, 4, 8, 8)
+    with caplog.at_level("WARNING", logger="photoops.attention"):
+        _sample(patched, enc("a photo of a red circle"), neg, latent, steps=2)
+        assert capture.watch.mismatch is None
+        assert not [r for r in caplog.records if "Attention Capture" in r.getMessage()]
+        _sample(patched, enc("a photo of a blue square"), neg, latent, steps=2)
+    assert "differs from the prompt's encoding" in capture.watch.mismatch
+    warned = [r.getMessage() for r in caplog.records if "Attention Capture" in r.getMessage()]
+    assert len(warned) == 1 and "'a photo of a red circle'" in warned[0]     # once per run, naming the prompt
+    # a longer conditioning (a second 77-token chunk) is reported by its token count
+    _sample(patched, enc("a photo of a red circle " + "and a square " * 30), neg, latent, steps=2)
+    assert "154 tokens" in capture.watch.mismatch
+
+
+def test_capture_validates_its_widgets_before_the_queue_runs():
+    assert AttentionCaptureNode.validate_inputs(start_percent=0.0, end_percent=1.0, word="cat") is True
+    assert "greater than start_percent" in AttentionCaptureNode.validate_inputs(start_percent=0.5, end_percent=0.5)
+    assert "empty" in AttentionCaptureNode.validate_inputs(word="  ")
+    assert AttentionCaptureNode.validate_inputs() is True          # linked inputs arrive as None

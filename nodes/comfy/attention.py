@@ -53,22 +53,54 @@ def _call_info(q, extra_options) -> CallInfo:
                     latent_hw=tuple(shape[-2:]), step=step, total_steps=total)
 
 
-def _make_replace(hooks: AttentionHooks, layer: LayerInfo, previous):
-    def attn2_replace(q, k, v, extra_options):
-        heads = extra_options["n_heads"]
+class PhotoOpsAttn2Replace:
+    """The ``attn2`` replace PhotoOps installs on one cross-attention block.
 
-        def attend(q, k, v):
-            if previous is not None:
-                return previous(q, k, v, extra_options)
-            return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                       transformer_options=extra_options)
+    Computes the layer's attention (through ``previous``, another pack's replace that was there
+    first, else core's ``optimized_attention``) and lets the kernels' hooks record or modify it.
 
-        if not len(hooks):
-            return attend(q, k, v)
-        return hooks(q, k, v, heads, layer, _call_info(q, extra_options), attend)
+    It also speaks the patch protocol other packs use to *add* to an existing replace
+    (ComfyUI_IPAdapter_plus calls ``replace.add(callback, **kwargs)`` when the block already has
+    one): added callbacks run after the attention, ``out += callback(out, q, k, v, extra_options,
+    **kwargs)`` while the step's sigma is in ``[sigma_end, sigma_start]``, as in that pack's own
+    patch, so an IP-Adapter applied *after* a PhotoOps node works.  Like that pack's own patch
+    object, the addition is made in place: the MODEL the adapter was applied to carries it too.
+    """
 
-    attn2_replace.photoops_layer = layer
-    return attn2_replace
+    def __init__(self, hooks: AttentionHooks, layer: LayerInfo, previous=None):
+        self.hooks, self.photoops_layer, self.previous = hooks, layer, previous
+        self.callbacks, self.kwargs = [], []
+
+    def add(self, callback, **kwargs):
+        self.callbacks.append(callback)
+        self.kwargs.append(kwargs)
+
+    def to(self, device, *args, **kwargs):
+        if self.previous is not None and hasattr(self.previous, "to"):
+            self.previous.to(device, *args, **kwargs)
+        return self
+
+    def _attend(self, q, k, v, extra_options):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                                   transformer_options=extra_options)
+
+    def __call__(self, q, k, v, extra_options):
+        if len(self.hooks):
+            out = self.hooks(q, k, v, extra_options["n_heads"], self.photoops_layer, _call_info(q, extra_options),
+                             lambda q_, k_, v_: self._attend(q_, k_, v_, extra_options))
+        else:
+            out = self._attend(q, k, v, extra_options)
+        if self.callbacks:
+            sig = extra_options.get("sigmas")
+            sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) else float("inf")
+            dtype = out.dtype
+            for cb, kw in zip(self.callbacks, self.kwargs):
+                if kw.get("sigma_end", -float("inf")) <= sigma <= kw.get("sigma_start", float("inf")):
+                    out = out + cb(out, q, k, v, extra_options, **kw)
+            out = out.to(dtype)
+        return out
 
 
 def attach_attention_hooks(model, hooks: AttentionHooks, on_run_start=None):
@@ -83,11 +115,59 @@ def attach_attention_hooks(model, hooks: AttentionHooks, on_run_start=None):
     for layer in layers:
         key = layer.key
         previous = existing.get(key, existing.get(key[:2]))
-        m.set_model_attn2_replace(_make_replace(hooks, layer, previous), key[0], key[1], key[2])
+        m.set_model_attn2_replace(PhotoOpsAttn2Replace(hooks, layer, previous), key[0], key[1], key[2])
     if on_run_start is not None:
         m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, HOOK_KEY,
                                 lambda patcher: on_run_start())
     return m
+
+
+class ContextWatch:
+    """Compares, on the first model call of each sampling run that evaluates cond ``cond_index``,
+    the text context the UNet receives for that cond with ``reference`` (the encoding of the
+    prompt a node was given); calls ``on_mismatch(message)`` once per run when they differ.
+
+    Installed as a ``DIFFUSION_MODEL`` wrapper (several wrappers compose; nothing is replaced).
+    The tolerance (1 % of the reference's largest value) absorbs fp16 / bf16 casts, not another
+    prompt.  Call :meth:`reset` when a run starts.
+    """
+
+    def __init__(self, reference: torch.Tensor, cond_index: int, on_mismatch):
+        self.reference = reference.detach().float().cpu()
+        self.cond_index, self.on_mismatch = cond_index, on_mismatch
+        self.checked = False
+        self.mismatch = None
+
+    def reset(self):
+        self.checked = False
+
+    def describe(self, ctx: torch.Tensor):
+        ref = self.reference[0]
+        if tuple(ctx.shape) != tuple(ref.shape):
+            return (f"the conditioning has {ctx.shape[0]} tokens of width {ctx.shape[-1]}, the prompt's encoding "
+                    f"{ref.shape[0]} of width {ref.shape[-1]}")
+        diff = float((ctx.float().cpu() - ref).abs().max())
+        if diff > 1e-2 * float(ref.abs().max()):
+            return f"the conditioning differs from the prompt's encoding (max difference {diff:.3g})"
+        return None
+
+    def __call__(self, executor, x, timesteps, context, *args, **kwargs):
+        if not self.checked and isinstance(context, torch.Tensor):
+            opts = args[2] if len(args) > 2 else kwargs.get("transformer_options", {})
+            rows = list(opts.get("photoops_rows") or opts.get("cond_or_uncond") or [])
+            if self.cond_index in rows:
+                self.checked = True
+                per = context.shape[0] // max(len(rows), 1)
+                problem = self.describe(context[rows.index(self.cond_index) * per])
+                self.mismatch = problem
+                if problem is not None:
+                    self.on_mismatch(problem)
+        return executor(x, timesteps, context, *args, **kwargs)
+
+
+def watch_context(model, watch: ContextWatch) -> None:
+    """Install ``watch`` on ``model`` (a clone the caller owns) as a DIFFUSION_MODEL wrapper."""
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, HOOK_KEY + "_context", watch)
 
 
 def cross_attention_widths(model) -> list:
