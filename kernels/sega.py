@@ -116,12 +116,14 @@ class EditConcept:
         return self.cooldown is not None and step >= self.cooldown
 
 
-def check_steps(concepts: Sequence[EditConcept], total_steps: int) -> None:
-    """ValueError if a concept's warm-up would never end within ``total_steps`` steps."""
+def check_steps(concepts: Sequence[EditConcept], total_steps: int, note: str = "") -> None:
+    """ValueError if a concept's warm-up would never end within the ``total_steps`` steps that run
+    (warm-ups count from the first step that runs).  ``note`` says how the user's step count
+    became ``total_steps`` (e.g. steps skipped by an inversion replay)."""
     for n, c in enumerate(concepts):
         if c.warmup >= total_steps:
-            raise ValueError(f"concept {n}: warmup {c.warmup} is not below the {total_steps} steps that run, "
-                             "so it would never be applied")
+            raise ValueError(f"concept {n}: warmup {c.warmup} is not below the {total_steps} steps that run"
+                             + (f" ({note})" if note else "") + ", so it would never be applied")
 
 
 def _stack(e_cs, like: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,31 @@ ETA_SCHEDULE = io.Custom("PHOTOOPS_ETA_SCHEDULE")
 FOLDER = "photoops_inversions"
 
 
+def steps_note(sigmas, n_run: int, skip: int = 0) -> str:
+    """Step counts as the user set them: ``"7 steps"``, or ``"7 steps set, 6 run: ..."`` when the
+    schedule's last step to 0 is not a step of its own (it ends at sigma_min), or steps are skipped."""
+    n_set = int(torch.as_tensor(sigmas).numel()) - 1
+    parts = []
+    if n_run != n_set:
+        parts.append("the last step to 0 starts at the model's smallest sigma, so it is not run")
+    if skip:
+        parts.append(f"Invert's skip leaves out the first {skip}")
+    runs = n_run - skip
+    if not parts:
+        return f"{n_set} steps"
+    return f"{n_set} steps set, {runs} run: " + "; ".join(parts)
+
+
+def replay_steps(sampler, sigmas) -> tuple:
+    """``(steps that run, note)`` when ``sampler`` replays an INVERSION (Inversion Sampler), else
+    ``(len(sigmas) - 1, note)``; the note gives the counts as the user set them (:func:`steps_note`)."""
+    inv = (getattr(sampler, "extra_options", None) or {}).get("inversion")
+    n_set = int(torch.as_tensor(sigmas).numel()) - 1
+    if not isinstance(inv, Inversion):
+        return n_set, f"{n_set} steps"
+    return inv.steps - inv.skip, steps_note(sigmas, inv.steps, inv.skip)
+
+
 def _prepare_sigmas(model, sigmas: torch.Tensor) -> tuple:
     """Validate SIGMAS; a final 0 is made invertible (exact replay needs s_final > 0).
 
@@ -153,7 +178,7 @@ class InvertNode(io.ComfyNode):
         s, zero_info = _prepare_sigmas(model, sigmas)
         n = s.numel() - 1
         if not 0 <= skip < n:
-            raise ValueError(f"skip ({skip}) must be smaller than the number of steps ({n})")
+            raise ValueError(f"skip ({skip}) must be smaller than the number of steps ({steps_note(sigmas, n)})")
         if region is not None and method != "eta":
             raise ValueError("a region capture only applies to the eta method")
         if method == "dpmpp_2m_sde" and eta_schedule is not None:

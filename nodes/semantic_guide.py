@@ -22,6 +22,7 @@ from .comfy.models import ensure_supported, vp_schedule
 from .comfy.sampling import CombineGuider
 from .comfy.text import count_prompt_tokens, encode_text
 from .attention_mask import VAE_FACTOR
+from .inversion import replay_steps
 
 CONCEPTS = io.Custom("PHOTOOPS_EDIT_CONCEPTS")
 MASKS = io.Custom("PHOTOOPS_CONCEPT_MASKS")
@@ -126,8 +127,9 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
     schedule = vp_schedule(model)
     store = MaskStore(len(concepts))
 
-    def on_run_start(sigmas):
-        ksega.check_steps(kcs, len(sigmas) - 1)     # a warm-up beyond the steps would never apply
+    def on_run_start(sigmas, sampler=None):
+        # a warm-up beyond the steps that run (after an Inversion Sampler's skip) would never apply
+        ksega.check_steps(kcs, *replay_steps(sampler, sigmas))
         sega.reset()
         store.reset()
         for r in recorders:

@@ -89,7 +89,9 @@ def test_bad_inputs(env):
     late = _concept(env, "blue", warmup=50)
     g = nsg.SemanticGuideNode.execute(env["model"], env["src"], env["neg"], late, "sega", 2.0, True, 0.3, 0.6,
                                       "intersect").result[0]
-    with pytest.raises(ValueError, match="warmup 50 is not below the 8 steps"):
+    # counts as the user set them: 8 normal steps, of which the last (sigma_min -> 0) is not run
+    with pytest.raises(ValueError, match=r"warmup 50 is not below the 7 steps that run \(8 steps set, 7 run: the "
+                                         r"last step to 0"):
         _run(env, g, inv)
     before = repr(env["model"].model_options)
     nsg.build_guider(env["model"], env["src"], env["neg"], _concept(env, "blue"), 2.0, "ledits++", 0.3, 0.6, False)
@@ -165,3 +167,26 @@ def test_guided_result_recomputed_from_the_rows_it_expects(env, use_target):
     # and the concepts did act: without them the result differs
     plain = x - sigma * (eps["negative"] + (3.0 * (eps["positive"] - eps["negative"]) if use_target else 0))
     assert float((box["den"] - plain).abs().max()) > 1e-3 * float(expect.abs().max())
+
+
+def test_warmup_is_checked_against_the_steps_that_run_after_skip(env):
+    """12 steps set, the last (sigma_min -> 0) not run, Invert skips 2: 9 steps run, so warm-up 9 can never
+    act (an error naming all three counts) and warm-up 8 acts on the last step."""
+    sig = _sigmas(env["model"], 12)
+    inv, _ = ninv.InvertNode.execute(env["model"], env["neg"], env["neg"], env["latent"], sig, "ddpm", 2, 1.0,
+                                     0).result
+    sampler = ninv.InversionSamplerNode.execute(inv).result[0]
+    lat = env["latent"]["samples"]
+
+    def run(warmup):
+        g = nsg.SemanticGuideNode.execute(env["model"], env["neg"], env["neg"], _concept(env, "blue", warmup=warmup),
+                                          "sega", 1.0, False, 0.0, 0.6, "intersect").result[0]
+        return g.sample(torch.zeros_like(lat), lat, sampler, sig, disable_pbar=True, seed=0)
+
+    with pytest.raises(ValueError, match=r"warmup 9 is not below the 9 steps that run \(12 steps set, 9 run: .*"
+                                         r"skip leaves out the first 2\)"):
+        run(9)
+    plain = nsg.SemanticGuideNode.execute(env["model"], env["neg"], env["neg"], [], "sega", 1.0, False, 0.0, 0.6,
+                                          "intersect").result[0]
+    base = plain.sample(torch.zeros_like(lat), lat, sampler, sig, disable_pbar=True, seed=0)
+    assert _rel(run(8), base) > 1e-4          # the concept acted on the one step after its warm-up

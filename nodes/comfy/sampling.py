@@ -102,8 +102,8 @@ class CombineGuider(comfy.samplers.CFGGuider):
     Pre- and post-CFG hooks of other nodes are replayed around it: pre-CFG functions get the
     conditionings and outputs in ``order``; post-CFG functions get the negative as ``uncond``
     and the positive as ``cond`` (without a positive: the guided result as ``cond_denoised``,
-    the negative as ``cond``) [ours].  ``on_run_start(sigmas)`` is called when a sampling run
-    starts (reset momentum, validate step counts).
+    the negative as ``cond``) [ours].  ``on_run_start(sigmas, sampler)`` is called when a sampling
+    run starts (reset momentum, validate step counts against the steps the sampler will run).
     """
 
     def __init__(self, model_patcher, conds: dict, order: list, combine, cfg: float, on_run_start=None,
@@ -119,7 +119,7 @@ class CombineGuider(comfy.samplers.CFGGuider):
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self._first = None
         if self.on_run_start is not None:
-            self.on_run_start(sigmas)
+            self.on_run_start(sigmas, sampler)
         return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
