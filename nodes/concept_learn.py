@@ -24,6 +24,7 @@ from comfy_api.latest import io
 from ..kernels import concept_learn as kcl
 from ..kernels.attention import AttentionHooks
 from ..kernels.files import content_hash, read_safetensors, save_safetensors_atomic
+from .checks import first_error, given
 from .comfy.attention import attach_attention_hooks
 from .comfy.concepts import ComfyConceptText, read_concept_embedding, save_concept_embedding
 from .comfy.files import embedding_files, embedding_path, embeddings_dir, find_embedding
@@ -174,6 +175,25 @@ class ConceptLearnNode(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, concept_names=None, init_words=None, resolution=None, steps=None, learning_rate=None,
+                        em_rounds=None, vectors_per_token=None, loss_region=None):
+        def names():
+            if given(concept_names, init_words):
+                kcl.validate_names(_split(concept_names), _split(init_words))
+
+        def res():
+            if resolution is not None and resolution % 8:
+                raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+
+        def config():
+            given_ = {k: v for k, v in (("steps", steps), ("lr", learning_rate), ("em_rounds", em_rounds),
+                                        ("vectors_per_token", vectors_per_token), ("loss_region", loss_region))
+                      if v is not None}
+            kcl.ConceptConfig(**given_).validate()
+
+        return first_error(names, res, config)
 
     @classmethod
     def execute(cls, model, clip, vae, images, concept_names, init_words, steps, learning_rate, em_rounds, seed,

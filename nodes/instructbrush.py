@@ -117,6 +117,13 @@ class InstructionLearnNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, instruction=None):
+        if instruction is not None and not str(instruction).strip():
+            return ("the initial instruction is empty: give a few words describing the edit (e.g. 'make it look like "
+                    "winter'); its tokens are the rows InstructBrush learns")
+        return True
+
+    @classmethod
     def execute(cls, model, clip, vae, before, after, instruction, name, steps, lr, seed, time_ranges, batch_size,
                 loss_on_guided_prediction, checkpoint_every, resume) -> io.NodeOutput:
         ip2p_check(model)

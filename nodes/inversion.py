@@ -24,6 +24,7 @@ from ..kernels import eta as keta
 from ..kernels import inversion as kinv
 from ..kernels import maps as kmaps
 from ..kernels.inversion_state import Inversion, load_inversion, save_inversion
+from .checks import first_error, given
 from .comfy.files import folder_file_path, folder_files, next_save_path, register_folder
 from .comfy.models import check_latent, ensure_supported, fingerprint, patcher_of, vp_schedule
 from .comfy.sampling import interrupt_check, ksampler, progress_bar, run_with_guider
@@ -352,6 +353,11 @@ class EtaScheduleNode(io.ComfyNode):
             ],
             outputs=[ETA_SCHEDULE.Output(display_name="eta_schedule", tooltip="Connect to Invert.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, preset=None, eta=None, points=None, power=None):
+        return first_error(lambda: build_schedule(preset, eta, points, power) if given(preset, eta, points, power)
+                           else None)
 
     @classmethod
     def execute(cls, preset, eta, points, power, mask=None) -> io.NodeOutput:

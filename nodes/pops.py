@@ -213,6 +213,10 @@ class PopsTextNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, word=None):
+        return "the word is empty" if word is not None and not str(word).strip() else True
+
+    @classmethod
     def execute(cls, clip, word) -> io.NodeOutput:
         if not word or not word.strip():
             raise ValueError("the word is empty")

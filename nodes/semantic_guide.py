@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..kernels import maps as kmaps
 from ..kernels import sega as ksega
 from ..kernels.attention import AttentionHooks, TokenMapRecorder
+from .checks import first_error, given
 from .comfy.attention import attach_attention_hooks
 from .comfy.models import ensure_supported, vp_schedule
 from .comfy.sampling import CombineGuider
@@ -90,6 +91,18 @@ class EditConceptNode(io.ComfyNode):
             ],
             outputs=[CONCEPTS.Output(display_name="concepts", tooltip="Connect to Semantic Guide or the next concept.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, text=None, scale=None, threshold=None, warmup=None):
+        def concept():
+            if given(scale, threshold, warmup):
+                ksega.EditConcept(scale=scale, threshold=threshold, warmup=warmup)
+
+        def words():
+            if text is not None and not str(text).strip():
+                raise ValueError("the concept text is empty; give a word or two")
+
+        return first_error(words, concept)
 
     @classmethod
     def execute(cls, clip, text, direction, scale, threshold, warmup, cooldown, weight,
