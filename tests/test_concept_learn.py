@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import concept_toy as ct
+from pathlib import Path
+
 import pytest
 import torch
 from photoops.kernels import concept_learn as cl
@@ -208,6 +210,71 @@ def test_dense_crf_cleans_noisy_unaries_on_a_two_colour_image():
     crf = q.argmax(0) == 0
     assert cl.mask_iou(crf, truth) > cl.mask_iou(raw, truth) + 0.1
     assert cl.mask_iou(crf, truth) > 0.95
+
+
+def _all_pairs_crf(unary, image, iters=5, smooth=(1.0, 3.0), appearance=(10.0, 13.0, 5.0)):
+    """The direct formula (the N x N kernel held at once, float32), as the kernel computed it before it was bounded."""
+    L, H, W = unary.shape
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1)
+    d2 = torch.cdist(pos, pos).pow(2)
+    rgb = image.float().reshape(3, -1).t() * 255.0
+    c2 = torch.cdist(rgb, rgb).pow(2)
+    K = smooth[1] * torch.exp(-d2 / (2 * smooth[0] ** 2)) + appearance[2] * torch.exp(
+        -d2 / (2 * appearance[0] ** 2) - c2 / (2 * appearance[1] ** 2))
+    K.fill_diagonal_(0.0)
+    logp = unary.float().clamp_min(1e-8).log().reshape(L, -1)
+    q = torch.softmax(logp, 0)
+    for _ in range(iters):
+        q = torch.softmax(logp + q @ K, 0)
+    return q.reshape(L, H, W)
+
+
+@pytest.mark.parametrize("hw, chunk_bytes", [((24, 20), 4 * 480 * 7), ((17, 31), 4 * 527), ((32, 32), None)])
+def test_bounded_crf_equals_the_all_pairs_formula(hw, chunk_bytes):
+    """Block-by-block messages (7 rows, 1 row, the default budget) = the all-pairs matrix.  Both are float32
+    and differ only in rounding (summation order, a reciprocal for a division): the messages are sums of up
+    to ~N kernel values reaching ~1e3, so a float32 ulp there is ~1e-4 in the logits, damped by the softmax
+    (p(1-p) <= 1/4) and carried through 5 iterations: 1e-4 on the marginals; the labels are identical
+    wherever the reference's margin exceeds that."""
+    H, W = hw
+    g = torch.Generator().manual_seed(1)
+    unary = torch.softmax(torch.randn(3, H, W, generator=g) * 2, 0)
+    img = torch.rand(3, H, W, generator=g)
+    kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    q = cl.dense_crf(unary, img, iters=5, **kw)
+    ref = _all_pairs_crf(unary, img, iters=5)
+    assert float((q - ref).abs().max()) < 1e-4
+    top2 = ref.flatten(1).topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-3
+    assert torch.equal(q.argmax(0).flatten()[clear], ref.argmax(0).flatten()[clear])
+
+
+def test_bounded_crf_memory_at_sdxl_grid():
+    """128 x 128 (SDXL's latent at 1024 px): the all-pairs formula added 6.0 GiB; the bounded one must add
+    well under 1 GiB (peak RSS of a fresh process, measured around the call)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch, sys; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1)\n"
+        "from photoops.kernels import concept_learn as cl\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "u = torch.softmax(torch.randn(3, 128, 128, generator=g), 0); img = torch.rand(3, 128, 128, generator=g)\n"
+        "cl.dense_crf(u[:, :8, :8], img[:, :8, :8], iters=1)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "q = cl.dense_crf(u, img, iters=1)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "assert torch.isfinite(q).all()\n"
+        "print((after - before) / 1024)\n")
+    import photoops
+
+    pkg_parent = str(Path(photoops.__path__[0]).parent)        # the folder holding the ``photoops`` link (conftest)
+    out = subprocess.run([sys.executable, "-c", code, pkg_parent], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    added_mib = float(out.stdout.strip().splitlines()[-1])
+    print(f"bounded dense CRF at 128x128: +{added_mib:.0f} MiB peak RSS")
+    assert added_mib < 1024, added_mib
 
 
 def test_otsu_threshold_splits_a_bimodal_map_and_masks_follow_it():
