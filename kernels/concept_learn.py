@@ -197,8 +197,8 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
 def parse_presence(spec: str, n_images: int, n_concepts: int) -> torch.Tensor:
     """``"0:0,1; 1:0"`` -> bool ``[N, K]`` (image: concepts); empty -> all present (spec §7.1)."""
     if not spec or not spec.strip():
-        return torch.ones(n_images, n_concepts, dtype=torch.bool)
-    P = torch.zeros(n_images, n_concepts, dtype=torch.bool)
+        return torch.ones(n_images, n_concepts, dtype=torch.bool)   # cpu: presence table (indexed by Python)
+    P = torch.zeros(n_images, n_concepts, dtype=torch.bool)   # cpu: presence table (indexed by Python)
     listed = set()
     for part in spec.split(";"):
         if not part.strip():
@@ -469,7 +469,7 @@ def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
     v = values.flatten().float().clamp(0, 1)
     hist = torch.histc(v, bins=bins, min=0.0, max=1.0).double()
     p = hist / hist.sum().clamp_min(1)
-    centers = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    centers = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) / bins
     w0 = p.cumsum(0)
     mu = (p * centers).cumsum(0)
     w1 = 1 - w0
@@ -526,7 +526,7 @@ def e_step(den: GradDenoiser, text: ConceptText, rec: ConceptAttention, latents:
     N, K = presence.shape
     H, W = latents.shape[-2:]
     T = den.schedule.num_train_timesteps
-    ts = torch.tensor([min(T - 1, round(t * T / 1000)) for t in cfg.estep_timesteps])
+    ts = torch.tensor([min(T - 1, round(t * T / 1000)) for t in cfg.estep_timesteps], device=latents.device)
     g = torch.Generator().manual_seed(int(cfg.estep_seed))
     new = prev.clone()
     info = {"kept_previous": [], "iou_prev": [], "adaptive_tau": []}
@@ -617,7 +617,7 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
         raise ValueError("give at least one concept")
     H, W = latents.shape[-2:]
     if presence is None:
-        presence = torch.ones(N, K, dtype=torch.bool)
+        presence = torch.ones(N, K, dtype=torch.bool)   # cpu: presence table (indexed by Python)
     if tuple(presence.shape) != (N, K):
         raise ValueError(f"presence must be [{N}, {K}], got {tuple(presence.shape)}")
     if images is not None and (images.shape[0] != N or tuple(images.shape[-2:]) != (H, W)):
@@ -627,7 +627,7 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
         if len(captions) != N:
             raise ValueError(f"{len(captions)} captions for {N} images")
         cap_parts = [parse_caption(c, K) for c in captions]
-        presence = torch.tensor([[k in p for k in range(K)] for p in cap_parts], dtype=torch.bool)
+        presence = torch.tensor([[k in p for k in range(K)] for p in cap_parts], dtype=torch.bool)  # cpu: table
     m = cfg.vectors_per_token
     with torch.no_grad():
         if init_vectors is not None:
@@ -641,7 +641,7 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
 
     rec = ConceptAttention(cfg.attention_factors)
     hooks.add(rec)
-    res = ConceptResult(vectors=e0.clone(), masks=torch.ones(N, K, H, W))
+    res = ConceptResult(vectors=e0.clone(), masks=torch.ones(N, K, H, W, device=latents.device))
     ones = presence[:, :, None, None].float().expand(N, K, H, W).clone().to(latents.device)
     target_type = getattr(den, "prediction_type", "epsilon")
     step = int(start_step)
@@ -680,7 +680,7 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
                 n = int(torch.randint(0, N, (1,), generator=g))
                 present = [k for k in range(K) if presence[n, k]]
                 S = draw_subset(present, g, cfg.union_sampling and cap_parts is None)
-                t = torch.randint(0, den.schedule.num_train_timesteps, (1,), generator=g)
+                t = torch.randint(0, den.schedule.num_train_timesteps, (1,), generator=g)  # cpu: seeded; _noised indexes the CPU schedule
                 eps = torch.randn((1,) + tuple(latents.shape[1:]), generator=g).to(latents.device, latents.dtype)
                 flip = bool(torch.rand(1, generator=g) < cfg.flip_p)
                 z = latents[n:n + 1]

@@ -109,8 +109,8 @@ class EtaPoints:
 
     def __call__(self, t):
         u, is_tensor = _as_u(t)
-        us = torch.tensor([p[0] for p in self.points], dtype=torch.float64)
-        ys = torch.tensor([p[1] for p in self.points], dtype=torch.float64)
+        us = torch.tensor([p[0] for p in self.points], dtype=torch.float64)   # cpu: curve knots (a schedule)
+        ys = torch.tensor([p[1] for p in self.points], dtype=torch.float64)   # cpu: curve knots (a schedule)
         if len(self.points) == 1:
             out = torch.full_like(u, float(ys[0]))
         else:

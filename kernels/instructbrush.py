@@ -351,9 +351,9 @@ def timestep_weights(t, alphas_cumprod, weighting: str = "eps", weight_max: floa
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     t = torch.as_tensor(t).long()
     if weighting == "eps":
-        return torch.ones(t.shape, dtype=torch.float32)
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     a = alphas_cumprod.double().cpu()[t.cpu()]
-    return ((1 - a) / a).clamp(1.0, float(weight_max)).float()
+    return ((1 - a) / a).clamp(1.0, float(weight_max)).float().to(t.device)
 
 
 def check_pairs(before: torch.Tensor, after: torch.Tensor, what: str = "images") -> None:
@@ -424,7 +424,7 @@ def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after,
     lo, hi = (0, T) if t_range is None else (int(t_range[0]), int(t_range[1]))
     if not 0 <= lo < hi <= T:
         raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {T}, got {t_range}")
-    timestep_weights(torch.zeros(1), alphas_cumprod, weighting, weight_max)     # validates the name
+    timestep_weights(torch.zeros(1), alphas_cumprod, weighting, weight_max)     # cpu: only validates the name
     lr_at(0, steps, lr, lr_schedule)
     span = hi - lo
     params = list(instruction.parameters())
@@ -442,9 +442,9 @@ def learn(instruction: LearnedInstruction, predict_eps: Callable, before, after,
         epoch, i = divmod(s, span)
         if epoch not in perms:
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
-            perms[epoch] = torch.randperm(span, generator=g) + lo
+            perms[epoch] = torch.randperm(span, generator=g) + lo     # cpu: seeded; read as Python ints
         g = torch.Generator().manual_seed(int(seed) * 7_919 + 1_000_000 * (epoch + 1) + i)
-        noise = torch.randn(after.shape[1:], generator=g)
+        noise = torch.randn(after.shape[1:], generator=g)       # cpu: seeded draw, stacked and moved below
         return s % n, int(perms[epoch][i]), noise
 
     with torch.enable_grad():

@@ -54,7 +54,7 @@ class DiffusersIP2P:
             return self._call(zt, t, img, ctx)
         outs = torch.empty_like(zt)
         for rows in groups.values():
-            sel = torch.tensor(rows)
+            sel = torch.tensor(rows, device=zt.device)
             outs = outs.index_copy(0, sel, self._call(zt[sel], t[sel], img[sel], ctx[sel]).to(outs.dtype))
         return outs
 
@@ -83,8 +83,9 @@ class DiffusersIP2P:
             with torch.no_grad():
                 c = self.unet.config
                 h = w = c.sample_size
-                z = torch.zeros(1, c.out_channels, h, w)
-                self(z, torch.tensor([0]), None, True)
+                p = next(self.unet.parameters())
+                z = torch.zeros(1, c.out_channels, h, w, device=p.device, dtype=p.dtype)
+                self(z, torch.tensor([0], device=p.device), None, True)
         finally:
             self.hooks.remove(cap)
         return cap.k, cap.v

@@ -618,7 +618,7 @@ def eta_inversion_noises(denoise_src: Callable, ladder: torch.Tensor, sigmas, et
     x_shape = tuple(ladder.shape[1:])
     dev = generator.device if generator is not None else ladder.device
     noises = ladder.new_zeros((n, *x_shape))
-    indices = torch.full((n, x_shape[0]), -1, dtype=torch.long)
+    indices = torch.full((n, x_shape[0]), -1, dtype=torch.long)   # cpu: chosen candidate ids (stored metadata)
     x_src = ladder[n]
     for i in range(n):
         _check_interrupt(interrupt)

@@ -24,7 +24,7 @@ def gaussian_kernel1d(sigma: float, size: int | None = None) -> torch.Tensor:
         raise ValueError("sigma must be > 0")
     if size is None:
         size = 2 * math.ceil(3 * sigma) + 1
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2    # cpu: a small filter, moved where used
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).float()
 
@@ -72,7 +72,7 @@ def resize_map(maps: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor
     return F.interpolate(maps[:, None], size=size, mode=mode, **kw)[:, 0]
 
 
-_RAMP = torch.tensor([
+_RAMP = torch.tensor([  # cpu: a constant, moved to the map's device where used
     [0.050, 0.030, 0.330],
     [0.230, 0.320, 0.550],
     [0.130, 0.570, 0.550],

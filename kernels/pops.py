@@ -380,7 +380,8 @@ def unclip_schedule(steps: int, num_train_timesteps: int = 1000) -> UnclipSchedu
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     T = num_train_timesteps
-    betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],  # cpu: a schedule
+                         dtype=torch.float32)
     alphas = 1.0 - betas
     ac = torch.cumprod(alphas, dim=0)
     ratio = (T - 1) / (steps - 1)
@@ -394,7 +395,7 @@ def _unclip_step(sch: UnclipSchedule, x0, t: int, prev: int | None, x, noise_fn,
     if prev is None:
         prev = t - 1
     a_t = sch.alphas_cumprod[t]
-    a_prev = sch.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+    a_prev = sch.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)  # cpu: a schedule scalar (0-dim)
     if prev == t - 1:
         beta, alpha = sch.betas[t], sch.alphas[t]
     else:

@@ -78,7 +78,8 @@ class VPSchedule:
     @classmethod
     def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, steps=1000) -> "VPSchedule":
         """The SD1.x/SD2.x/SDXL schedule: betas = linspace(sqrt(b0), sqrt(b1), T)**2."""
-        return cls.from_betas(torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2)
+        return cls.from_betas(torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps,  # cpu: schedules live on the CPU
+                                             dtype=torch.float64) ** 2)
 
     @classmethod
     def cosine(cls, steps=1000, s=0.008, max_beta=0.999) -> "VPSchedule":
@@ -104,16 +105,19 @@ class VPSchedule:
     def timestep(self, sigma) -> torch.Tensor:
         """(S4) nearest discrete timestep (as float, like ComfyUI) for each sigma."""
         s = torch.as_tensor(sigma, dtype=torch.float64)
-        dists = s.clamp_min(1e-30).log().reshape(-1, 1) - self.log_sigmas.reshape(1, -1)
-        return dists.abs().argmin(dim=1).reshape(s.shape).to(torch.float32)
+        dev = s.device                      # computed where the schedule lives, returned on the input's device
+        dists = s.to(self.log_sigmas.device).clamp_min(1e-30).log().reshape(-1, 1) - self.log_sigmas.reshape(1, -1)
+        return dists.abs().argmin(dim=1).reshape(s.shape).to(dev, torch.float32)
 
     def sigma(self, timestep) -> torch.Tensor:
         """(S5) sigma at a (possibly fractional) timestep, log-linear interpolation."""
-        t = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        t = torch.as_tensor(timestep, dtype=torch.float64)
+        dev = t.device                      # computed where the schedule lives, returned on the input's device
+        t = t.to(self.log_sigmas.device).clamp(0, self.num_train_timesteps - 1)
         lo = t.floor().long()
         hi = t.ceil().long()
         w = t - lo
-        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp().to(dev)
 
     def abar(self, sigma):
         return sigma_to_abar(torch.as_tensor(sigma, dtype=torch.float64))

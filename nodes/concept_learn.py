@@ -34,7 +34,7 @@ from .comfy.training import ComfyGradDenoiser, encode_images_for_training
 
 CHECKPOINT_SUBDIR = "conceptlearn"
 METHOD = "conceptlearn-em"
-PALETTE = torch.tensor([[0.95, 0.25, 0.2], [0.2, 0.55, 0.95], [0.25, 0.85, 0.3], [0.95, 0.8, 0.15],
+PALETTE = torch.tensor([[0.95, 0.25, 0.2],  # cpu: preview colours; previews are made on the CPU [0.2, 0.55, 0.95], [0.25, 0.85, 0.3], [0.95, 0.8, 0.15],
                         [0.75, 0.3, 0.9], [0.2, 0.85, 0.85], [0.95, 0.5, 0.1], [0.6, 0.6, 0.6]])
 
 
@@ -82,7 +82,8 @@ def preview(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def save_mask_cache(path: str, masks: torch.Tensor, losses: list) -> None:
     """Final masks and losses of a run, so that an unchanged graph does not retrain (next to the checkpoints)."""
-    save_safetensors_atomic(path, {"masks": masks.float(), "loss": torch.tensor(losses, dtype=torch.float32)})
+    save_safetensors_atomic(path, {"masks": masks.float(),
+                                   "loss": torch.tensor(losses, dtype=torch.float32)})  # cpu: written to a file
 
 
 def load_mask_cache(path: str):

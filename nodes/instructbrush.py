@@ -149,7 +149,7 @@ class InstructionLearnNode(io.ComfyNode):
             cap = ib.KVCapture(positions)
             probe = attach_attention_hooks(model, AttentionHooks([cap]))
             with torch.no_grad():
-                ComfyIP2PEps(probe, cond, uncond)(z0[:1], torch.tensor([500]), c_img[:1], True)
+                ComfyIP2PEps(probe, cond, uncond)(z0[:1], torch.tensor([500], device=z0.device), c_img[:1], True)
             if len(cap.k) != len(cross_attention_layers(model)):
                 raise RuntimeError("the capture did not see every cross-attention layer")
             inst = ib.LearnedInstruction(prompt, positions, cap.k, cap.v, time_ranges=time_ranges,

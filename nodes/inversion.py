@@ -202,7 +202,7 @@ class InvertNode(io.ComfyNode):
                                                               interrupt=interrupt_check)
                 noises = z.new_zeros((n, *z.shape[1:]))
                 noises[skip:] = z
-                return (x_start, noises, torch.ones(n)), x_start
+                return (x_start, noises, torch.ones(n)), x_start    # cpu: per-step eta (stored metadata)
             if method == "ddpm":
                 eta = 1.0
                 if eta_schedule is not None:
@@ -212,7 +212,7 @@ class InvertNode(io.ComfyNode):
                 noises, etas = zs, torch.as_tensor(eta, dtype=torch.float32).expand(n).clone()
             elif method == "ddim":
                 ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=interrupt_check)
-                noises, etas = None, torch.zeros(n)
+                noises, etas = None, torch.zeros(n)     # cpu: per-step eta (stored metadata)
             else:
                 ladder = kinv.ddim_invert(denoise, x, sig, callback=tick, interrupt=interrupt_check)
                 fn = eta_schedule["fn"] if eta_schedule is not None else keta.PRESETS["linear_default"]

@@ -281,8 +281,8 @@ class PopsRevisionConditioningNode(io.ComfyNode):
     def execute(cls, model, clip_vision_output, strength, noise_augmentation) -> io.NodeOutput:
         _family, width = image_embedding_consumer(model)
         _embeds(clip_vision_output, "clip_vision_output", width)
-        ctx = torch.zeros(1, 77, context_width(model))
-        pooled = torch.zeros(1, width)
+        ctx = torch.zeros(1, 77, context_width(model))   # cpu: CONDITIONING lives on the CPU in ComfyUI
+        pooled = torch.zeros(1, width)                   # cpu: CONDITIONING lives on the CPU in ComfyUI
         unclip = [{"clip_vision_output": clip_vision_output, "strength": float(strength),
                    "noise_augmentation": float(noise_augmentation)}]
         pos = [[ctx, {"pooled_output": pooled, "unclip_conditioning": unclip}]]

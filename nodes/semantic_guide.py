@@ -167,7 +167,8 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
             if kcs:   # preview: where each applied concept's percentile mask keeps guidance (any channel)
                 store.add(torch.stack([
                     ksega.percentile_mask(ksega.concept_direction(e_c, e_u, c), c.threshold).any(1)
-                    & torch.tensor(c.warm(step) and not c.cooled(step)) for c, e_c in zip(kcs, e_cs)]))
+                    & torch.tensor(c.warm(step) and not c.cooled(step), device=e_u.device)
+                    for c, e_c in zip(kcs, e_cs)]))
         else:
             maps = [r.result() for r in recorders] if recorders else None
             e_pp, masks = ksega.ledits_pp_guidance(e_u, e_cs, kcs, maps, step,
