@@ -3,7 +3,8 @@
 Needs $COMFYUI_DIR, Debian's ``chromium`` and the ``playwright`` Python package
 (its browser download is never used); otherwise every test is skipped with the reason.
 
-For each workflows/*.json (and the core-only harness graphs): app.loadGraphData, walk
+For each workflows/*.json (and the core-only harness graphs; the files needing a third-party
+pack, per comfy_harness/third_party.py, load in tests/test_comfy_ipadapter.py): app.loadGraphData, walk
 all nodes; fail on a missing or broken node (unregistered type, error flag, no Comfy
 class, an UNKNOWN widget); app.graphToPrompt() must give a class_type everywhere and
 must equal our own converter's output; fail on page errors, console errors, HTTP
@@ -25,6 +26,7 @@ if _TESTS not in sys.path:  # conftest normally does this; keep the module runna
 
 from comfy_harness import browser as br
 from comfy_harness import pytest_fixtures as _fx
+from comfy_harness import third_party
 from comfy_harness.convert import ui_to_api
 
 # Fixtures shared with other modules (pytest finds them as module attributes);
@@ -50,7 +52,8 @@ pytestmark = pytest.mark.usefixtures("require_comfyui")
 
 
 def _workflow_files():
-    shipped = sorted((ROOT / "workflows").glob("*.json"))
+    # files needing a third-party pack (tests/comfy_harness/third_party.py) run in test_comfy_ipadapter.py
+    shipped = third_party.core_only(sorted((ROOT / "workflows").glob("*.json")))
     harness = sorted(HARNESS_GRAPHS.glob("core_*.json"))
     return [pytest.param(p, id=f"{p.parent.name}/{p.name}") for p in shipped + harness]
 

@@ -2,17 +2,20 @@
 
 Needs $COMFYUI_DIR and the third-party pack installed as
 ``$COMFYUI_DIR/custom_nodes/ComfyUI_IPAdapter_plus`` (never vendored here); otherwise every test
-skips with the reason.  The server is the harness' usual one plus that pack (opt-in:
+but the first (file checks only) skips with the reason.  The server is the harness' usual one plus that pack (opt-in:
 ``third_party_nodes``) and a seeded tiny ip-adapter_sdxl-layout file in models/ipadapter
 (``comfy_harness/ipadapter_fixtures.py``).
 
 * the pack imports and registers IPAdapterModelLoader / IPAdapterEmbeds; the widget values of
   both shipped IP-Adapter workflows (CI-sized and paper settings) fit the pack's current signatures;
-* ``workflows/ipadapter/pops_ipadapter_sdxl.json`` runs over HTTP and writes a 64x64 PNG; with
+* the shipped workflows needing the pack (the rule of ``comfy_harness/third_party.py``, which
+  makes the core-only tests skip them) are exactly these two files in ``workflows/``, each with a
+  Note saying it needs the pack;
+* ``workflows/pops_ipadapter_sdxl.json`` runs over HTTP and writes a 64x64 PNG; with
   IPAdapterEmbeds' weight at 0 the image equals the same graph without the adapter, at weight 1
   it differs, and another pOps embedding (Operator Apply with input A dropped) gives another
   image: the embedding reaches the UNet through the pack's attention patch;
-* the workflow loads in ComfyUI's frontend (headless Chromium) without missing/broken nodes and
+* both workflows load in ComfyUI's frontend (headless Chromium) without missing/broken nodes and
   graphToPrompt equals our converter (skipped without Chromium/Playwright).
 """
 import copy
@@ -29,7 +32,7 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from comfy_harness import comfyenv
+from comfy_harness import comfyenv, third_party
 from comfy_harness import pytest_fixtures as _fx
 from comfy_harness.convert import ui_to_api
 from comfy_harness.overrides import apply_overrides
@@ -37,8 +40,8 @@ from comfy_harness.ipadapter_fixtures import PACK_NAME, cached_ipadapter_fixture
 from comfy_harness.server import ComfyServer, output_images
 
 ROOT = Path(__file__).resolve().parents[1]
-WF = ROOT / "workflows" / "ipadapter" / "pops_ipadapter_sdxl.json"
-WF_PAPER = ROOT / "workflows" / "ipadapter" / "pops_ipadapter_sdxl_paper.json"
+WF = ROOT / "workflows" / "pops_ipadapter_sdxl.json"
+WF_PAPER = ROOT / "workflows" / "pops_ipadapter_sdxl_paper.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,6 +90,31 @@ def _run_image(srv, prompt, label):
 def _node(prompt, cls):
     (nid,) = [k for k, v in prompt.items() if v["class_type"] == cls]
     return nid
+
+
+def test_the_pack_workflows_are_this_pair_with_a_note():
+    shipped = sorted((ROOT / "workflows").glob("*.json"))
+    assert third_party.needing(PACK_NAME, shipped) == [WF, WF_PAPER]
+    assert not set(third_party.core_only(shipped)) & {WF, WF_PAPER}
+    for path in (WF, WF_PAPER):
+        notes = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+        assert any(PACK_NAME in n["widgets_values"][0] and "cubiq" in n["widgets_values"][0] for n in notes), (
+            f"{path.name}: no Note naming {PACK_NAME} (cubiq)")
+        # on the canvas without covering a node: boxes include LiteGraph's 30 px title bar above pos
+        nodes = json.loads(path.read_text())["nodes"]
+
+        def box(n):
+            (x, y), (w, h) = n["pos"], n["size"]
+            return x, y - 30, x + w, y + h
+
+        for note in notes:
+            nx0, ny0, nx1, ny1 = box(note)
+            for other in nodes:
+                if other is note or other["id"] == note["id"]:
+                    continue
+                ox0, oy0, ox1, oy1 = box(other)
+                assert nx1 <= ox0 or ox1 <= nx0 or ny1 <= oy0 or oy1 <= ny0, (
+                    f"{path.name}: the Note overlaps node {other['id']} {other['type']}")
 
 
 def test_pack_loads_and_workflow_widgets_fit_its_signatures(ipa_server):
@@ -167,22 +195,22 @@ def test_pops_ipadapter_workflow_loads_in_the_frontend(ipa_server):
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    wf = json.loads(WF.read_text())
+    def strip(p):
+        return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
+
     t0 = time.perf_counter()
     with br.Chromium() as chrome, sync_playwright() as pw:
         page = br.FrontendPage.open(pw, chrome, ipa_server.url)
         try:
-            mark = page.mark()
-            report = page.load_workflow(wf)
-            failures = page.failures_since(mark)
+            for path in (WF, WF_PAPER):
+                wf = json.loads(path.read_text())
+                mark = page.mark()
+                report = page.load_workflow(wf)
+                failures = page.failures_since(mark)
+                assert not report.problems, f"{path.name}:\n" + "\n".join(report.problems)
+                assert not report.missing_class_type, (path.name, report.missing_class_type)
+                assert not failures, f"{path.name}:\n" + "\n".join(failures)
+                assert strip(ui_to_api(wf, ipa_server.object_info())) == strip(report.prompt), path.name
         finally:
             page.close()
-    ipa_server.timings["browser pops_ipadapter_sdxl.json"] = time.perf_counter() - t0
-    assert not report.problems, "\n".join(report.problems)
-    assert not report.missing_class_type, report.missing_class_type
-    assert not failures, "\n".join(failures)
-
-    def strip(p):
-        return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
-
-    assert strip(ui_to_api(wf, ipa_server.object_info())) == strip(report.prompt)
+    ipa_server.timings["browser pops_ipadapter_sdxl*.json"] = time.perf_counter() - t0

@@ -106,12 +106,21 @@ def test_sd15_parameter_count_on_meta_device():
     with torch.device("meta"):
         unet = UNet2DConditionModel(in_channels=8, cross_attention_dim=768)   # SD1.5 layout
     widths = [unet.get_submodule(l.key).to_k.out_features for l in cross_attention_layers(unet)]
-    assert len(widths) == 16 and sum(widths) == 12480
+    # the widths the SD1.5 config implies: each cross-attention down block has layers_per_block
+    # transformers, each such up block one more, the mid block one, at its block's channel count
+    cfg = unet.config
+    lpb, ch = cfg.layers_per_block, list(cfg.block_out_channels)
+    expected = [ch[i] for i, t in enumerate(cfg.down_block_types) if "CrossAttn" in t for _ in range(lpb)]
+    expected += [ch[-1]] if "CrossAttn" in cfg.mid_block_type else []
+    expected += [c for t, c in zip(cfg.up_block_types, reversed(ch)) if "CrossAttn" in t for _ in range(lpb + 1)]
+    assert sorted(widths) == sorted(expected) and len(widths) == 16      # 6 down, 1 mid, 9 up
     m = 12
     k0 = {i: torch.zeros(m, w) for i, w in enumerate(widths)}
     inst = ib.LearnedInstruction("p", ib.prompt_positions(m), k0, k0)
-    assert inst.n_params() == 24960 * m == 299520
-    assert ib.LearnedInstruction("p", ib.prompt_positions(m), k0, k0, time_ranges=5).n_params() == 5 * 299520
+    # one learned K row and one V row of the layer's width per instruction token and layer
+    per_range = sum(2 * m * w for w in expected)
+    assert inst.n_params() == per_range == 299520
+    assert ib.LearnedInstruction("p", ib.prompt_positions(m), k0, k0, time_ranges=5).n_params() == 5 * per_range
 
 
 def test_locality_only_instruction_rows_of_the_conditional_branch(parts):

@@ -42,6 +42,16 @@ class Graph:
         s["outputs"][src_slot]["links"].append(lid)
         d["inputs"][slot]["link"] = lid
 
+    def note(self, text: str, width: int = 520, height: int = 110, gap: int = 60):
+        """A frontend-only Note node below every other node (LiteGraph draws a ~30 px title bar
+        above ``pos``, hence the gap), so it never overlaps one."""
+        bottom = max(n["pos"][1] + n["size"][1] for n in self.nodes)
+        nid = len(self.nodes) + 1
+        self.nodes.append({"id": nid, "type": "Note", "pos": [20, bottom + gap], "size": [width, height],
+                           "flags": {}, "order": nid - 1, "mode": 0, "inputs": [], "outputs": [],
+                           "properties": {}, "widgets_values": [text]})
+        return nid
+
     def to_json(self, note=None):
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {},
@@ -422,6 +432,9 @@ def pops_chain_sdxl() -> dict:
                      "Operator outputs are CLIP_VISION_OUTPUTs, so they feed the next operator directly." + POPS_NOTE)
 
 
+IPADAPTER_PACK_NOTE = ("Needs the third-party node pack ComfyUI_IPAdapter_plus (cubiq, "
+                       "https://github.com/cubiq/ComfyUI_IPAdapter_plus) installed in custom_nodes/: it provides "
+                       "IPAdapter Model Loader and IPAdapter Embeds. Without it these two nodes show as missing.")
 POPS_IPADAPTER = "photoops_tiny_ip-adapter_sdxl.safetensors"  # users: ip-adapter_sdxl.safetensors (ViT-bigG)
 IPADAPTER_EMBEDS_WIDGETS = [1.0, "linear", 0.0, 1.0, "V only"]  # weight, weight_type, start_at, end_at, embeds_scaling
 
@@ -472,6 +485,7 @@ def pops_ipadapter_sdxl() -> dict:
     g.link(ks, 0, dec, "samples")
     g.link(vae, 0, dec, "vae")
     g.link(dec, 0, save, "images")
+    g.note(IPADAPTER_PACK_NOTE)
     return g.to_json("pOps texturing rendered with SDXL + IP-Adapter (as in the paper): Operator Apply's pos_embed/"
                      "neg_embed are IPAdapter_plus EMBEDS (image_embeds and zeros, the non-plus IPAdapterEncoder "
                      "format) for IPAdapterEmbeds. Needs cubiq/ComfyUI_IPAdapter_plus. CI-sized: tiny random "
@@ -512,6 +526,7 @@ def pops_ipadapter_sdxl_paper() -> dict:
     g.link(ks, 0, dec, "samples")
     g.link(ckpt, 2, dec, "vae")
     g.link(dec, 0, save, "images")
+    g.note(IPADAPTER_PACK_NOTE)
     return g.to_json("pOps texturing rendered with SDXL + IP-Adapter at the paper's settings (ip-adapter_sdxl, the "
                      "ViT-bigG variant; empty prompt, the paper's negative prompt, 50 steps, weight 1): Operator "
                      "Apply's pos_embed/neg_embed are IPAdapter_plus EMBEDS. Needs cubiq/ComfyUI_IPAdapter_plus; "
@@ -525,10 +540,12 @@ WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json"
              "concept_learn.json": concept_learn}
 
 
-# pOps (issue 6); ipadapter/ is a subfolder: ComfyUI and the CI tests only read workflows/*.json
+# pOps (issue 6).  All files sit directly in workflows/: ComfyUI's template browser lists only
+# workflows/*.json.  The IP-Adapter pair needs ComfyUI_IPAdapter_plus; the tests route them by the
+# rule in tests/comfy_harness/third_party.py (core-only server: skipped; tests/test_comfy_ipadapter.py).
 WORKFLOWS.update({"pops_texturing_sdxl.json": pops_texturing_sdxl, "pops_chain_sdxl.json": pops_chain_sdxl,
-                  "ipadapter/pops_ipadapter_sdxl.json": pops_ipadapter_sdxl,
-                  "ipadapter/pops_ipadapter_sdxl_paper.json": pops_ipadapter_sdxl_paper})
+                  "pops_ipadapter_sdxl.json": pops_ipadapter_sdxl,
+                  "pops_ipadapter_sdxl_paper.json": pops_ipadapter_sdxl_paper})
 
 
 # ---- InstructBrush (issue 8) ---------------------------------------------------------------
@@ -634,7 +651,6 @@ def main():
     out = ROOT / "workflows"
     out.mkdir(exist_ok=True)
     for name, build in WORKFLOWS.items():
-        (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_text(json.dumps(build(), indent=1) + "\n")
         print("wrote", out / name)
 
