@@ -75,6 +75,7 @@ from einops import reduce
 from .eta import eta_with_mask, per_step_eta
 
 __all__ = [
+    "BackgroundLock",
     "ancestral_split",
     "ddim_eta_step",
     "ddim_invert",
@@ -397,7 +398,41 @@ def ddpm_invert(denoise: Callable, x0: torch.Tensor, sigmas, eta=1.0, generator:
 # ----------------------------------------------------------------------------- replay sampler
 
 @torch.no_grad()
-def replay_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, noises=None, eta=1.0, start=0):
+class BackgroundLock:
+    """Keep the source trajectory outside a mask while an edit is replayed (issue 17) [ours].
+
+    After every replayed step that lands on level ``sigmas[i + 1]`` (full-schedule index)::
+
+        x <- m_i * x + (1 - m_i) * L_src(i + 1)                                     (I16)
+
+    ``source``: the source latents at the levels a replay visits, ``[N - skip + 1, B, C, H, W]``,
+    ``source[j]`` at ``sigmas[skip + j]`` (``source[0]`` the start latent, ``source[-1]`` the clean
+    photo latent, i.e. the inversion's ladder read downwards).  Edit-friendly DDPM, Eta (optimal
+    noise) and DPM-Solver++ 2M inversions reproduce this ladder when replayed with the source
+    prompt; for DDIM it is the inversion's own trajectory, which the replay only approximates.
+    ``mask``: ``[B or 1, 1, h, w]`` in [0, 1] (1 = edit here), or ``mask(i) -> mask | None`` for a
+    mask that changes during the run (``None``: no lock at that step).  With a hard 0/1 mask the
+    result equals the source latent exactly where the mask is 0.
+    """
+
+    def __init__(self, source: torch.Tensor, mask, skip: int = 0):
+        self.source, self.mask, self.skip = source, mask, int(skip)
+
+    def __call__(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        m = self.mask(level - 1) if callable(self.mask) else self.mask
+        if m is None:
+            return x
+        j = level - self.skip
+        if not 0 <= j < self.source.shape[0]:
+            raise ValueError(f"the background lock holds source levels {self.skip}..{self.skip + self.source.shape[0] - 1}"
+                             f", the replay reached level {level}")
+        src = self.source[j].to(device=x.device, dtype=x.dtype)
+        m = m.to(device=x.device, dtype=x.dtype)
+        return torch.lerp(src, x, m)                                                  # (I16)
+
+
+def replay_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, noises=None, eta=1.0, start=0,
+                  lock: Optional[BackgroundLock] = None):
     """k-diffusion sampler that replays stored noise maps with generalized DDIM steps (I4).
 
     Signature and callback as k-diffusion's ``sample_euler_ancestral``:
@@ -412,6 +447,7 @@ def replay_sample(model, x, sigmas, extra_args=None, callback=None, disable=None
     The caller passes ``sigmas[start:]`` (what ComfyUI hands a sampler after SplitSigmas
     or a start step) and the full ``noises``; step ``j`` of this call uses
     ``noises[start + j]`` and ``eta[start + j]``.  Keyed by index, never by sigma value.
+    ``lock``: a :class:`BackgroundLock` applied after every step (I16).
 
     ``eta``: float; per-step sequence or ``[N]`` tensor; one map broadcastable to ``x``
     (``[B, 1, h, w]``); or per-step maps ``[N, B, 1, h, w]``.  ``noises``: ``[N, *x.shape]``
@@ -435,6 +471,8 @@ def replay_sample(model, x, sigmas, extra_args=None, callback=None, disable=None
         if callback is not None:
             callback({"x": x, "i": j, "sigma": sigmas[j], "sigma_hat": sigmas[j], "denoised": denoised})
         x = ddim_eta_step(x, denoised, s[j], s[j + 1], _eta_at(eta, i, x), None if noises is None else noises[i])
+        if lock is not None:
+            x = lock(x, i + 1)
     return x
 
 
@@ -512,12 +550,13 @@ def dpmpp_2m_sde_invert(denoise: Callable, x0: torch.Tensor, sigmas, generator: 
 
 
 @torch.no_grad()
-def replay_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, noises=None, start=0):
+def replay_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, noises=None, start=0,
+                        lock: Optional[BackgroundLock] = None):
     """k-diffusion sampler: SDE DPM-Solver++ 2M (midpoint) with stored noise maps (LEDITS++ edit).
 
     Signature, callback and ``start`` indexing as :func:`replay_sample`; step ``j`` uses
     ``noises[start + j]``.  The multistep history starts with this call, matching an
-    inversion made over the same ``sigmas``.
+    inversion made over the same ``sigmas``.  ``lock``: a :class:`BackgroundLock` after every step.
     """
     extra_args = {} if extra_args is None else extra_args
     s = sigma_list(sigmas)
@@ -534,6 +573,8 @@ def replay_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         if callback is not None:
             callback({"x": x, "i": j, "sigma": sigmas[j], "sigma_hat": sigmas[j], "denoised": denoised})
         x = dpmpp_2m_sde_step(x, denoised, old, s[j], s[j + 1], s[j - 1] if j else None, noises[start + j])
+        if lock is not None:
+            x = lock(x, start + j + 1)
         old = denoised
     return x
 

@@ -56,6 +56,9 @@ class Inversion:
     fingerprint: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)     # name -> tensor (source conditioning)
     info: dict = field(default_factory=dict)       # free-form (prompt text, settings) for the user
+    # the source latents at the levels a replay visits, sigmas[skip..N] ([N - skip + 1, B, C, H, W]),
+    # for the background lock (kernels.inversion.BackgroundLock); None in files written before it
+    source_ladder: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         self.validate()
@@ -87,6 +90,10 @@ class Inversion:
                                  f"{self.steps} steps of {tuple(self.x_start.shape)}")
         if self.eta is not None and self.eta.shape[0] != self.steps:
             raise ValueError(f"eta has {self.eta.shape[0]} entries for {self.steps} steps")
+        if self.source_ladder is not None and tuple(self.source_ladder.shape) != (
+                self.steps - self.skip + 1, *self.x_start.shape):
+            raise ValueError(f"source ladder {tuple(self.source_ladder.shape)} does not match the "
+                             f"{self.steps - self.skip + 1} replayed levels of {tuple(self.x_start.shape)}")
 
     def check_replay(self, sigmas: torch.Tensor, latent_shape=None, fingerprint: Optional[dict] = None) -> None:
         """Raise :class:`InversionMismatchError` naming what differs from the inversion."""
@@ -112,7 +119,7 @@ class Inversion:
                         f"model mismatch ({key}): the inversion was made with {a}, this model is {b}")
 
     def nbytes(self) -> int:
-        ts = [self.sigmas, self.x_start, self.noises, self.eta, *self.source.values()]
+        ts = [self.sigmas, self.x_start, self.noises, self.eta, self.source_ladder, *self.source.values()]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -129,6 +136,8 @@ def save_inversion(inv: Inversion, path) -> str:
         tensors["noises"] = inv.noises.float().cpu().contiguous()
     if inv.eta is not None:
         tensors["eta"] = inv.eta.float().cpu().contiguous()
+    if inv.source_ladder is not None:
+        tensors["source_ladder"] = inv.source_ladder.float().cpu().contiguous()
     for k, v in inv.source.items():
         tensors[f"source.{k}"] = v.float().cpu().contiguous()
     meta = {"format_version": FORMAT_VERSION, "method": inv.method, "skip": inv.skip,
@@ -167,6 +176,6 @@ def load_inversion(path) -> Inversion:
                          source_cfg=float(meta["source_cfg"]), seed=int(meta["seed"]),
                          fingerprint=dict(meta.get("fingerprint") or {}),
                          source={k[len("source."):]: v for k, v in tensors.items() if k.startswith("source.")},
-                         info=dict(meta.get("info") or {}))
+                         info=dict(meta.get("info") or {}), source_ladder=tensors.get("source_ladder"))
     except (KeyError, TypeError, ValueError) as e:
         raise InversionFileError(f"{os.path.basename(path)}: inconsistent inversion ({e})") from e

@@ -18,6 +18,7 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..kernels import eta as keta
@@ -28,8 +29,9 @@ from .checks import first_error, given
 from .comfy.files import folder_file_path, folder_files, next_save_path, register_folder
 from .comfy.models import check_latent, ensure_supported, fingerprint, patcher_of, vp_schedule
 from .comfy.sampling import interrupt_check, ksampler, progress_bar, run_with_guider
-from .attention_mask import CAPTURE
+from .attention_mask import CAPTURE, VAE_FACTOR
 
+CONCEPT_MASKS = io.Custom("PHOTOOPS_CONCEPT_MASKS")   # Semantic Guide's second output
 INVERSION = io.Custom("PHOTOOPS_INVERSION")
 ETA_SCHEDULE = io.Custom("PHOTOOPS_ETA_SCHEDULE")
 FOLDER = "photoops_inversions"
@@ -202,7 +204,7 @@ class InvertNode(io.ComfyNode):
                                                               interrupt=interrupt_check)
                 noises = z.new_zeros((n, *z.shape[1:]))
                 noises[skip:] = z
-                return (x_start, noises, torch.ones(n)), x_start    # cpu: per-step eta (stored metadata)
+                return (x_start, noises, torch.ones(n), ladder.flip(0)), x_start  # cpu: per-step eta (metadata)
             if method == "ddpm":
                 eta = 1.0
                 if eta_schedule is not None:
@@ -229,9 +231,9 @@ class InvertNode(io.ComfyNode):
                     candidates=candidates, generator=gen, store_optimal=store_optimal_noise, callback=tick,
                     interrupt=interrupt_check)
             x_start = ladder[n - skip].clone()
-            return (x_start, noises, etas), x_start
+            return (x_start, noises, etas, ladder[: n - skip + 1].flip(0)), x_start
 
-        (x_start, noises, etas), out = run_with_guider(model, positive, negative, source_cfg, samples,
+        (x_start, noises, etas, source_ladder), out = run_with_guider(model, positive, negative, source_cfg, samples,
                                                            s.float(), work, seed=seed)
         source = {"positive": positive[0][0].detach().float().cpu()} if positive else {}
         inv = Inversion(method=method, sigmas=s, x_start=x_start.float().cpu(), skip=int(skip),
@@ -239,11 +241,41 @@ class InvertNode(io.ComfyNode):
                         eta=etas.float().cpu() if etas is not None else None, source_cfg=float(source_cfg),
                         seed=int(seed), fingerprint=fingerprint(model), source=source,
                         info={**zero_info, "candidates": int(candidates),
-                              "store_optimal_noise": bool(store_optimal_noise)})
+                              "store_optimal_noise": bool(store_optimal_noise)},
+                        source_ladder=source_ladder.float().cpu())
         return io.NodeOutput(inv, {"samples": out})
 
 
-def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None):
+def _lock(inv: Inversion, spec: dict | None, latent_hw):
+    """The :class:`~..kernels.inversion.BackgroundLock` for an Inversion Sampler's lock inputs, or None."""
+    if spec is None:
+        return None
+    if inv.source_ladder is None:
+        raise ValueError("this INVERSION holds no source ladder (it was saved by an older PhotoOps): invert the "
+                         "photo again to use the background lock")
+    feather = float(spec["feather"]) / VAE_FACTOR                    # image pixels -> latent pixels
+
+    def soften(m):                                                     # [B, h, w] in [0, 1] -> [B, 1, h, w]
+        if feather > 0:
+            m = kmaps.gaussian_blur(m.float(), feather)
+        return m.clamp(0, 1)[:, None]
+
+    if spec.get("mask") is not None:
+        m = soften(kmaps.resize_map(spec["mask"].float(), latent_hw, mode="area"))
+        return kinv.BackgroundLock(inv.source_ladder, m, skip=inv.skip)
+    store, thr = spec["concept_masks"], float(spec["threshold"])
+
+    def from_concepts(step):           # where the concepts acted in >= thr of the steps so far, +1 latent px
+        region = store.lock_region(thr)
+        if region is None:
+            return None
+        region = F.max_pool2d(region.float()[:, None], 3, 1, 1)[:, 0]
+        return soften(kmaps.resize_map(region, latent_hw, mode="nearest"))
+
+    return kinv.BackgroundLock(inv.source_ladder, from_concepts, skip=inv.skip)
+
+
+def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, lock=None):
     """k-diffusion sampler function: replay ``inversion`` (see InversionSamplerNode)."""
     inv: Inversion = inversion
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
@@ -269,11 +301,12 @@ def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     x0 = inv.x_start.to(device=x.device, dtype=x.dtype)
     noises = None if inv.noises is None else inv.noises.to(device=x.device, dtype=x.dtype)
     eta = inv.eta.to(device=x.device) if inv.eta is not None else 0.0
+    bg = _lock(inv, lock, x.shape[-2:])
     if inv.method == "dpmpp_2m_sde":
         return kinv.replay_dpmpp_2m_sde(model, x0, run, extra_args=extra_args, callback=callback, disable=disable,
-                                        noises=noises, start=start)
+                                        noises=noises, start=start, lock=bg)
     return kinv.replay_sample(model, x0, run, extra_args=extra_args, callback=callback, disable=disable,
-                              noises=noises, eta=eta, start=start)
+                              noises=noises, eta=eta, start=start, lock=bg)
 
 
 class InversionSamplerNode(io.ComfyNode):
@@ -285,14 +318,44 @@ class InversionSamplerNode(io.ComfyNode):
             category="PhotoOps/inversion",
             description="A SAMPLER for SamplerCustomAdvanced that replays an INVERSION: it starts from the inverted "
                         "latent and uses the stored noise maps, so with the source prompt it reconstructs the photo and "
-                        "with another guider it edits it. Use Disable Noise and the SIGMAS given to Invert.",
-            inputs=[INVERSION.Input("inversion", tooltip="From Invert or Load Inversion.")],
+                        "with another guider it edits it. Use Disable Noise and the SIGMAS given to Invert. Optional "
+                        "background lock: outside a mask, every step keeps the photo's own trajectory.",
+            inputs=[
+                INVERSION.Input("inversion", tooltip="From Invert or Load Inversion."),
+                io.Mask.Input("lock_mask", optional=True,
+                              tooltip="Background lock: white = may change, black = kept as the photo (exactly, with "
+                                      "feather 0). From Concept Masks, Attention Mask, or drawn. Image size."),
+                CONCEPT_MASKS.Input("concept_masks", optional=True,
+                                    tooltip="Background lock in one pass: the Semantic Guide's 'masks' output. At "
+                                            "each step the lock frees where the concepts acted in at least "
+                                            "concept_threshold of the steps so far (+1 latent pixel); nothing is "
+                                            "locked before the first step."),
+                io.Float.Input("feather", default=8.0, min=0.0, max=256.0, step=1.0,
+                               tooltip="Soft edge of the lock, in image pixels (Gaussian sigma). 0 = hard edge."),
+                io.Float.Input("concept_threshold", default=0.25, min=0.0, max=1.0, step=0.05,
+                               tooltip="With concept_masks: the fraction of steps a concept must have acted on a "
+                                       "pixel for it to be freed."),
+            ],
             outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, inversion) -> io.NodeOutput:
-        return io.NodeOutput(ksampler(_replay, inversion=inversion))
+    def execute(cls, inversion, lock_mask=None, concept_masks=None, feather=8.0, concept_threshold=0.25) -> io.NodeOutput:
+        if lock_mask is not None and concept_masks is not None:
+            raise ValueError("give the background lock either a lock_mask or concept_masks, not both")
+        if (lock_mask is not None or concept_masks is not None) and inversion.source_ladder is None:
+            raise ValueError("this INVERSION holds no source ladder (it was saved by an older PhotoOps): invert the "
+                             "photo again to use the background lock")
+        lock = None
+        if lock_mask is not None:
+            m = lock_mask if lock_mask.ndim == 3 else lock_mask[None]
+            if m.shape[0] not in (1, inversion.latent_shape[0]):
+                raise ValueError(f"lock_mask holds {m.shape[0]} masks, the inversion {inversion.latent_shape[0]} "
+                                 f"image(s)")
+            lock = {"mask": m.float().cpu(), "feather": feather}
+        elif concept_masks is not None:
+            lock = {"concept_masks": concept_masks, "feather": feather, "threshold": concept_threshold}
+        return io.NodeOutput(ksampler(_replay, inversion=inversion, lock=lock))
 
 
 _PRESET_NAMES = ["linear_default", "paper_A", "paper_B", "constant", "custom"]

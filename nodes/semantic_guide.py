@@ -45,6 +45,14 @@ class MaskStore:
             m = masks[i].float().detach().cpu()
             self.sums[i] = m if self.sums[i] is None else self.sums[i] + m
 
+    def lock_region(self, threshold: float):
+        """``[B, h, w]``: where any concept acted in at least ``threshold`` of the steps so far (the
+        Inversion Sampler's one-pass background lock); None before the first step."""
+        if self.steps == 0 or all(s is None for s in self.sums):
+            return None
+        frac = torch.stack([s for s in self.sums if s is not None]) / self.steps
+        return (frac >= max(float(threshold), 1e-6)).any(0).float()
+
     def mean(self, i: int):
         if not 0 <= i < self.k:
             raise ValueError(f"concept index {i} is out of range: the guide has {self.k} concept(s)")
