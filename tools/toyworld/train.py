@@ -215,6 +215,7 @@ def parse_args(argv=None):
         help="std of an extra per-image, per-channel constant added to the training noise (0: off)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world", default="A", help="toy world (object sizes), see world.WORLD_SIZES")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=48)
@@ -227,7 +228,8 @@ def parse_args(argv=None):
 
 
 # arguments that change the trajectory; a resumed run must use the same values
-TRAJECTORY_ARGS = ("batch", "lr", "lr_floor", "warmup", "ema", "p_uncond", "snr_gamma", "offset_noise", "seed", "steps")
+TRAJECTORY_ARGS = ("batch", "lr", "lr_floor", "warmup", "ema", "p_uncond", "snr_gamma", "offset_noise", "seed", "steps",
+                   "world")
 
 
 def main(argv=None) -> int:
@@ -260,7 +262,8 @@ def main(argv=None) -> int:
 
     alphas_cumprod = model.scheduler.alphas_cumprod.to(torch.float32)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = torch.clamp(snr, max=args.snr_gamma) / snr
+    # Min-SNR-gamma weighting; gamma <= 0: plain MSE (world B's recipe)
+    loss_weight = torch.clamp(snr, max=args.snr_gamma) / snr if args.snr_gamma > 0 else torch.ones_like(snr)
     table = CaptionTable(model)
 
     def checkpoint() -> None:
@@ -289,7 +292,7 @@ def main(argv=None) -> int:
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        scenes = sample_scenes(args.batch, generator=gen)
+        scenes = sample_scenes(args.batch, generator=gen, world=args.world)
         x0, ids = train_batch(scenes, table, gen, args.p_uncond)
         t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
