@@ -397,7 +397,6 @@ def ddpm_invert(denoise: Callable, x0: torch.Tensor, sigmas, eta=1.0, generator:
 
 # ----------------------------------------------------------------------------- replay sampler
 
-@torch.no_grad()
 class BackgroundLock:
     """Keep the source trajectory outside a mask while an edit is replayed (issue 17) [ours].
 
@@ -431,6 +430,7 @@ class BackgroundLock:
         return torch.lerp(src, x, m)                                                  # (I16)
 
 
+@torch.no_grad()
 def replay_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, noises=None, eta=1.0, start=0,
                   lock: Optional[BackgroundLock] = None):
     """k-diffusion sampler that replays stored noise maps with generalized DDIM steps (I4).

@@ -156,7 +156,7 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         for r in recorders:
             r.reset()
 
-    def combine(x_in, sigma, outs, step):
+    def combine(x_in, sigma, outs, step, cfg_denoised=None):
         # [ours] eps (§2.4) in float64 for the concept terms; the target CFG part is assembled in
         # denoised space exactly as core's cfg_function does (uncond + (cond - uncond) * cfg), so
         # concepts that do not act leave core CFG's result bit for bit (the tiny test UNet turns a
@@ -167,6 +167,8 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         e_u, e_t, e_cs = eps[i_neg], (eps[i_pos] if use_target else None), eps[i_c0:]
         d_u = outs[i_neg]
         d_cfg = d_u + (outs[i_pos] - d_u) * cfg if use_target else d_u
+        if cfg_denoised is not None:                  # the MODEL's own CFG rule (PerpNeg, RescaleCFG, ...)
+            d_cfg = cfg_denoised
         if mode == "sega":
             e_hat = sega.guide(e_u, e_t, e_cs, step, cfg)
             if sega.require_cfg_for_sega and cfg <= 1:      # the reference's no-CFG branch: e_t (or e_u)

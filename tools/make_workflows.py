@@ -155,7 +155,7 @@ def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_inver
                  outputs=[("inversion", "PHOTOOPS_INVERSION"), ("start_latent", "LATENT")],
                  widgets=[method, skip, 1.0, 0, "fixed", "threshold", 0.2, 10, False, 1], pos=(1140, 300), size=(320, 330))
     smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION")],
-                 outputs=[("SAMPLER", "SAMPLER")], pos=(1500, 300), size=(260, 46))
+                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25], pos=(1500, 300), size=(260, 100))
     own_guider = guider is None
     if own_guider:
         guider = g.node("CFGGuider", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),

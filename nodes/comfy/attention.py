@@ -63,13 +63,24 @@ class PhotoOpsAttn2Replace:
     (ComfyUI_IPAdapter_plus calls ``replace.add(callback, **kwargs)`` when the block already has
     one): added callbacks run after the attention, ``out += callback(out, q, k, v, extra_options,
     **kwargs)`` while the step's sigma is in ``[sigma_end, sigma_start]``, as in that pack's own
-    patch, so an IP-Adapter applied *after* a PhotoOps node works.  Like that pack's own patch
-    object, the addition is made in place: the MODEL the adapter was applied to carries it too.
+    patch, so an IP-Adapter applied *after* a PhotoOps node works.
+
+    ``ModelPatcher.clone()`` deep-copies the model options: a copy shares ``hooks`` (the recorders
+    and overrides the PhotoOps node holds keep seeing every call of every clone) but gets its own
+    list of added callbacks, so another pack adding to a clone leaves the original MODEL as it was.
     """
 
     def __init__(self, hooks: AttentionHooks, layer: LayerInfo, previous=None):
         self.hooks, self.photoops_layer, self.previous = hooks, layer, previous
         self.callbacks, self.kwargs = [], []
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = PhotoOpsAttn2Replace(self.hooks, self.photoops_layer, copy.deepcopy(self.previous, memo))
+        new.callbacks, new.kwargs = list(self.callbacks), [dict(k) for k in self.kwargs]
+        memo[id(self)] = new
+        return new
 
     def add(self, callback, **kwargs):
         self.callbacks.append(callback)
@@ -111,11 +122,19 @@ def attach_attention_hooks(model, hooks: AttentionHooks, on_run_start=None):
     """
     layers = cross_attention_layers(model)
     m = model.clone()
-    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    existing = dict(m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {}))
+    per_block = {}
+    for layer in layers:
+        per_block[layer.key[:2]] = per_block.get(layer.key[:2], 0) + 1
     for layer in layers:
         key = layer.key
         previous = existing.get(key, existing.get(key[:2]))
-        m.set_model_attn2_replace(PhotoOpsAttn2Replace(hooks, layer, previous), key[0], key[1], key[2])
+        replace = PhotoOpsAttn2Replace(hooks, layer, previous)
+        m.set_model_attn2_replace(replace, key[0], key[1], key[2])
+        if per_block[key[:2]] == 1:
+            # blocks with one transformer are also keyed (block, number), as other packs key them
+            # (IPAdapter_plus on SD1.x): they then find this replace and add to it
+            m.set_model_attn2_replace(replace, key[0], key[1])
     if on_run_start is not None:
         m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, HOOK_KEY,
                                 lambda patcher: on_run_start())

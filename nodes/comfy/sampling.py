@@ -6,6 +6,8 @@ progress text.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.model_management
@@ -14,6 +16,8 @@ import comfy.samplers
 import comfy.utils
 
 from ...kernels.protocol import step_of_sigma
+
+LOG = logging.getLogger("photoops.semantic_guide")
 
 
 def progress_bar(total: int):
@@ -96,9 +100,12 @@ class CombineGuider(comfy.samplers.CFGGuider):
     model sees ``cond_or_uncond`` flags as core CFG sets them (:func:`_flags_wrapper`: 1 for the
     negative, 0 for every other row); PhotoOps' hooks see the row indices.
 
-    ``combine(x, sigma, outs, step)`` gets the denoised predictions in ``order`` and the
-    0-based step counted from the first step this run evaluates (so skipped steps of an
-    inversion replay do not count toward warm-ups); it returns the guided denoised.
+    ``combine(x, sigma, outs, step, cfg_denoised=None)`` gets the denoised predictions in ``order``
+    and the 0-based step counted from the first step this run evaluates (so skipped steps of an
+    inversion replay do not count toward warm-ups); it returns the guided denoised.  When the
+    MODEL carries a ``sampler_cfg_function`` (core PerpNeg, RescaleCFG, ...) and there is a
+    positive row, ``cfg_denoised`` is that function's CFG result, computed as core's
+    ``cfg_function`` does, for the combine to use as its target-CFG part.
     Pre- and post-CFG hooks of other nodes are replayed around it: pre-CFG functions get the
     conditionings and outputs in ``order``; post-CFG functions get the negative as ``uncond``
     and the positive as ``cond`` (without a positive: the guided result as ``cond_denoised``,
@@ -115,9 +122,10 @@ class CombineGuider(comfy.samplers.CFGGuider):
         self.flags = [1 if k == uncond_key else 0 for k in self.order]
         self.on_run_start = on_run_start
         self._first = None
+        self._warned = False
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        self._first = None
+        self._first, self._warned = None, False
         if self.on_run_start is not None:
             self.on_run_start(sigmas, sampler)
         return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -135,9 +143,21 @@ class CombineGuider(comfy.samplers.CFGGuider):
         step = 0 if step is None else step
         if self._first is None:
             self._first = step
-        result = self.combine(x, timestep, out, step - self._first)
         u = self.order.index(self.uncond_key)
         c = self.order.index(self.cond_key) if self.cond_key is not None else None
+        cfg_fn = model_options.get("sampler_cfg_function")
+        kw = {}
+        if cfg_fn is not None and c is not None:
+            # another node's CFG rule (PerpNeg, RescaleCFG, ...) makes the target-CFG part, as core's cfg_function
+            kw["cfg_denoised"] = x - cfg_fn({
+                "cond": x - out[c], "uncond": x - out[u], "cond_scale": self.cfg, "timestep": timestep, "input": x,
+                "sigma": timestep, "cond_denoised": out[c], "uncond_denoised": out[u], "model": self.inner_model,
+                "model_options": model_options, "input_cond": conds[c], "input_uncond": conds[u]})
+        elif cfg_fn is not None and not self._warned:
+            self._warned = True
+            LOG.warning("Semantic Guide: the MODEL carries a CFG function (PerpNeg, RescaleCFG, ...) that needs a "
+                        "positive row; with use_target off there is none, so it is not applied")
+        result = self.combine(x, timestep, out, step - self._first, **kw)
         for fn in model_options.get("sampler_post_cfg_function", []):
             result = fn({"denoised": result, "cond": conds[u if c is None else c], "uncond": conds[u],
                          "model": self.inner_model, "uncond_denoised": out[u],
