@@ -80,7 +80,7 @@ class HFConceptText:
         if len(ids) + 1 > self.max_length:
             raise ValueError(f"the prompt needs {len(ids) + 1} tokens, the text encoder takes {self.max_length}")
         ids += [self.eos] + [self.pad] * (self.max_length - len(ids) - 1)
-        return torch.tensor([ids], device=self.model.device), positions
+        return torch.tensor([ids], device=self.te.get_input_embeddings().weight.device), positions
 
     def encode(self, parts: Sequence, vectors: torch.Tensor):
         """``(context [1, L, D], positions)`` with ``vectors[k]`` (``[m, d]``) at slot k's positions."""

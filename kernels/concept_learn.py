@@ -43,6 +43,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .maps import otsu_threshold  # noqa: F401  (re-exported: part of this module's API)
 from .attention import AttentionHook, fold_sequence
 from .schedule import VPSchedule
 
@@ -462,20 +463,6 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
     lo = a.flatten(1).amin(1).view(-1, 1, 1)
     hi = a.flatten(1).amax(1).view(-1, 1, 1)
     return (a - lo) / (hi - lo).clamp_min(1e-12)
-
-
-def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
-    """Otsu's threshold of values in [0, 1] (maximum between-class variance over a histogram)."""
-    v = values.flatten().float().clamp(0, 1)
-    hist = torch.histc(v, bins=bins, min=0.0, max=1.0).double()
-    p = hist / hist.sum().clamp_min(1)
-    centers = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) / bins
-    w0 = p.cumsum(0)
-    mu = (p * centers).cumsum(0)
-    w1 = 1 - w0
-    between = (mu[-1] * w0 - mu) ** 2 / (w0 * w1).clamp_min(1e-12)
-    between[(w0 <= 0) | (w1 <= 0)] = -1
-    return float((int(between.argmax()) + 1) / bins)
 
 
 def masks_from_attention(maps: torch.Tensor, image: torch.Tensor | None, cfg: ConceptConfig,

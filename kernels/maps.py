@@ -8,6 +8,10 @@
   per-image max-normalised map strictly above ``t`` (Eta Inversion §4.2, ``A > 0.2``).
 * :func:`heatmap` / :func:`overlay` — a perceptually ordered colour ramp (dark blue ->
   yellow) blended over an image for previews.
+* :func:`keep_mask` — which values of each row to keep, by a rule that does or does not depend on
+  the size of what is kept (issue 17): ``percentile`` (the papers' rule: always the top
+  ``1 - threshold`` of the pixels, whatever the object's size), ``otsu`` (a threshold from the
+  row's own value histogram) and ``mass`` (the fewest pixels that hold ``mass`` of the row's total).
 """
 from __future__ import annotations
 
@@ -16,7 +20,60 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "normalize_max", "binarize", "resize_map", "heatmap", "overlay"]
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "normalize_max", "binarize", "resize_map", "heatmap", "overlay",
+           "otsu_threshold", "keep_mask", "MASK_RULES"]
+
+MASK_RULES = ("percentile", "otsu", "mass")
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1] (maximum between-class variance over a histogram)."""
+    v = values.flatten().float().clamp(0, 1)
+    hist = torch.histc(v, bins=bins, min=0.0, max=1.0).double()
+    p = hist / hist.sum().clamp_min(1)
+    centers = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) / bins
+    w0 = p.cumsum(0)
+    mu = (p * centers).cumsum(0)
+    w1 = 1 - w0
+    between = (mu[-1] * w0 - mu) ** 2 / (w0 * w1).clamp_min(1e-12)
+    between[(w0 <= 0) | (w1 <= 0)] = -1
+    return float((int(between.argmax()) + 1) / bins)
+
+
+def keep_mask(values: torch.Tensor, rule: str = "percentile", threshold: float = 0.9,
+              mass: float = 0.5) -> torch.Tensor:
+    """Boolean ``[B, N]``: the values of each row ``[B, N]`` to keep.
+
+    * ``percentile``: ``v >= quantile(v, threshold)`` (LEDITS++ / SEGA, the top ``1 - threshold``);
+    * ``otsu``: ``v' > otsu(v')`` with ``v'`` the row min-max normalised (two-class split of its
+      histogram; no parameter);
+    * ``mass``: the largest values until their sum reaches ``mass`` of the row's total (values
+      must be non-negative; ties at the cut are kept).
+    ``otsu`` and ``mass`` [ours, issue 17] keep a region whose size follows the map, not a fixed
+    fraction of the image.
+    """
+    if rule not in MASK_RULES:
+        raise ValueError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
+    v = values.float()
+    if rule == "percentile":
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        q = torch.quantile(v, threshold, dim=1)
+        return v >= q[:, None]
+    if rule == "otsu":
+        lo, hi = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
+        n = (v - lo) / (hi - lo).clamp_min(1e-12)
+        if v.device.type == "meta":
+            return n > 0.5
+        t = torch.tensor([otsu_threshold(r) for r in n], device=v.device)[:, None]
+        return n >= t
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    s, _ = v.clamp_min(0).sort(1, descending=True)
+    c = s.cumsum(1)
+    k = (c < mass * c[:, -1:]).sum(1, keepdim=True).clamp(max=v.shape[1] - 1)   # index of the last kept value
+    cut = s.gather(1, k)
+    return v >= cut
 
 
 def gaussian_kernel1d(sigma: float, size: int | None = None) -> torch.Tensor:

@@ -57,7 +57,7 @@ from typing import Optional, Sequence
 import torch
 from einops import reduce, repeat
 
-from .maps import gaussian_blur, resize_map
+from .maps import gaussian_blur, keep_mask, resize_map
 
 __all__ = [
     "EditConcept", "SemanticGuidance", "percentile_mask", "concept_direction",
@@ -144,11 +144,15 @@ def concept_direction(e_c: torch.Tensor, e_u: torch.Tensor, concept: EditConcept
     return psi * concept.scale
 
 
-def percentile_mask(psi: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(S3)-(S4) keep mask: ``|psi| >= quantile(|psi|, threshold)`` per batch item and channel (bool)."""
+def percentile_mask(psi: torch.Tensor, threshold: float, rule: str = "percentile", mass: float = 0.5) -> torch.Tensor:
+    """(S3)-(S4) keep mask: ``|psi| >= quantile(|psi|, threshold)`` per batch item and channel (bool).
+
+    ``rule``: :func:`~.maps.keep_mask` (``otsu`` / ``mass``: a region whose size follows |psi| [ours])."""
     a = psi.abs()
-    q = torch.quantile(a.flatten(2).float(), threshold, dim=2).to(a.dtype)
-    return a >= q[:, :, None, None]
+    if rule == "percentile":
+        q = torch.quantile(a.flatten(2).float(), threshold, dim=2).to(a.dtype)
+        return a >= q[:, :, None, None]
+    return keep_mask(a.flatten(2).flatten(0, 1), rule, threshold, mass).reshape(a.shape)
 
 
 class SemanticGuidance:
@@ -161,7 +165,9 @@ class SemanticGuidance:
     """
 
     def __init__(self, concepts: Sequence[EditConcept], momentum_scale: float = 0.1,
-                 momentum_beta: float = 0.4, require_cfg_for_sega: bool = False):
+                 momentum_beta: float = 0.4, require_cfg_for_sega: bool = False, mask_rule: str = "percentile",
+                 mask_mass: float = 0.5):
+        self.mask_rule, self.mask_mass = mask_rule, float(mask_mass)
         self.concepts = list(concepts)
         for c in self.concepts:
             if not isinstance(c, EditConcept):
@@ -211,7 +217,8 @@ class SemanticGuidance:
             if c.cooled(step):                                                  # (S4) cool-down
                 continue
             psi = concept_direction(e_c, e_u, c)                                # (S2)
-            gammas[k] = torch.where(percentile_mask(psi, c.threshold), psi, torch.zeros_like(psi))  # (S3)-(S4)
+            keep = percentile_mask(psi, c.threshold, self.mask_rule, self.mask_mass)
+            gammas[k] = torch.where(keep, psi, torch.zeros_like(psi))                   # (S3)-(S4)
             weights[k] = c.weight
         g_sem = None
         if 0 < len(active) < K:                                                 # (S8) partial
@@ -236,37 +243,48 @@ class SemanticGuidance:
 # ----------------------------------------------------------------------------- LEDITS++
 
 def cross_attention_mask(maps: torch.Tensor, threshold: float, latent_hw, channels: int = 4,
-                         blur_sigma: float = LEDITS_BLUR_SIGMA) -> torch.Tensor:
+                         blur_sigma: float = LEDITS_BLUR_SIGMA, rule: str = "percentile",
+                         mass: float = 0.5) -> torch.Tensor:
     """(L2)-(L3): ``M1`` ``[B, channels, H, W]`` in {0, 1} from token-summed maps ``[B, h, w]``.
 
     3x3 Gaussian (reflect padding), per-image quantile, nearest upsample to ``latent_hw``,
-    the same mask for every channel.
+    the same mask for every channel.  ``rule``: :func:`~.maps.keep_mask` (``otsu`` / ``mass`` [ours]
+    in place of the quantile).
     """
     if maps.ndim != 3:
         raise ValueError(f"attention maps must be [B, h, w], got {tuple(maps.shape)}")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     a = gaussian_blur(maps, blur_sigma, size=3) if blur_sigma > 0 else maps
-    q = torch.quantile(a.flatten(1).float(), threshold, dim=1).to(a.dtype)
-    m = (a >= q[:, None, None]).to(maps.dtype)
+    if rule == "percentile":
+        q = torch.quantile(a.flatten(1).float(), threshold, dim=1).to(a.dtype)
+        m = (a >= q[:, None, None]).to(maps.dtype)
+    else:
+        m = keep_mask(a.flatten(1), rule, threshold, mass).reshape(a.shape).to(maps.dtype)
     m = resize_map(m, latent_hw, mode="nearest")
     return repeat(m, "b h w -> b c h w", c=channels)
 
 
-def noise_estimate_mask(psi: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(L4)-(L5): ``M2`` ``[B, C, H, W]`` in {0, 1} from the channel-summed ``|psi|``."""
+def noise_estimate_mask(psi: torch.Tensor, threshold: float, rule: str = "percentile",
+                        mass: float = 0.5) -> torch.Tensor:
+    """(L4)-(L5): ``M2`` ``[B, C, H, W]`` in {0, 1} from the channel-summed ``|psi|`` (``rule``: as
+    :func:`cross_attention_mask`)."""
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     a = reduce(psi.abs(), "b c h w -> b h w", "sum")
-    q = torch.quantile(a.flatten(1).float(), threshold, dim=1).to(a.dtype)
-    m = (a >= q[:, None, None]).to(psi.dtype)
+    if rule == "percentile":
+        q = torch.quantile(a.flatten(1).float(), threshold, dim=1).to(a.dtype)
+        m = (a >= q[:, None, None]).to(psi.dtype)
+    else:
+        m = keep_mask(a.flatten(1), rule, threshold, mass).reshape(a.shape).to(psi.dtype)
     return repeat(m, "b h w -> b c h w", c=psi.shape[1])
 
 
 def ledits_pp_guidance(e_u: torch.Tensor, e_cs, concepts: Sequence[EditConcept], attn_maps, step: int,
                        timestep: Optional[float] = None, use_intersect: bool = True, use_cross_attn: bool = True,
                        intersect_max_t: Optional[float] = LEDITS_INTERSECT_MAX_T,
-                       blur_sigma: float = LEDITS_BLUR_SIGMA, return_masks: bool = False):
+                       blur_sigma: float = LEDITS_BLUR_SIGMA, return_masks: bool = False,
+                       mask_rule: str = "percentile", mask_mass: float = 0.5):
     """LEDITS++ guided eps (L1)-(L7): no target CFG, no momentum, weights 1.
 
     ``attn_maps``: per concept a ``[B, h, w]`` token-summed cross-attention map of the
@@ -295,13 +313,14 @@ def ledits_pp_guidance(e_u: torch.Tensor, e_cs, concepts: Sequence[EditConcept],
             continue
         psi = concept_direction(e_c, e_u, c)                                     # (L1)
         if cross:
-            m = cross_attention_mask(attn_maps[k], c.threshold, e_u.shape[-2:], e_u.shape[1], blur_sigma)
+            m = cross_attention_mask(attn_maps[k], c.threshold, e_u.shape[-2:], e_u.shape[1], blur_sigma,
+                                     mask_rule, mask_mass)
             if m.device.type != "meta" and float(m.sum()) == 0:      # (meta: device checks run without data)
                 raise RuntimeError(f"concept {k}: cross-attention mask is empty (was attention recorded?)")
             if intersect_now:
-                m = m * noise_estimate_mask(psi, c.threshold)                    # (L6)
+                m = m * noise_estimate_mask(psi, c.threshold, mask_rule, mask_mass)  # (L6)
         else:
-            m = noise_estimate_mask(psi, c.threshold)
+            m = noise_estimate_mask(psi, c.threshold, mask_rule, mask_mass)
         masks[k] = m
         guidance = guidance + psi * m
     out = e_u + guidance                                                         # (L7)

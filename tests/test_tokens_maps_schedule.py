@@ -154,3 +154,41 @@ def test_sigma_timestep_roundtrip_and_vp_identity():
     torch.testing.assert_close(k_to_vp(x0 + eps, 1.0), x_vp)
     with pytest.raises(ValueError):
         VPSchedule(torch.tensor([0.5, 0.9]))
+
+
+# -- issue 17: mask rules that follow the object's size ---------------------------------------------
+def _blob(frac: float, n: int = 32, bg: float = 0.1, fg: float = 1.0):
+    """A [1, n*n] map: a square covering ~frac of the image at fg, the rest at bg, plus a little noise."""
+    side = max(1, round((frac * n * n) ** 0.5))
+    m = torch.full((n, n), bg)
+    m[:side, :side] = fg
+    g = torch.Generator().manual_seed(0)
+    return (m + 0.02 * torch.rand(n, n, generator=g)).reshape(1, -1), side * side / (n * n)
+
+
+@pytest.mark.parametrize("frac", [0.05, 0.15, 0.35])
+def test_otsu_and_mass_follow_the_object_size_percentile_does_not(frac):
+    from photoops.kernels.maps import keep_mask
+
+    v, true_frac = _blob(frac)
+    pct = keep_mask(v, "percentile", 0.9).float().mean()
+    otsu = keep_mask(v, "otsu").float().mean()
+    assert abs(float(pct) - 0.1) < 0.01                       # always the top 10 %, whatever the object
+    assert abs(float(otsu) - true_frac) < 0.01               # the object itself
+    mass = keep_mask(v, "mass", mass=0.5)
+    kept = v[mass].sum() / v.sum()
+    assert kept >= 0.5                                        # holds the asked mass ...
+    smaller = v[0].sort(descending=True).values[: int(mass.sum()) - 1].sum() / v.sum()
+    assert smaller < 0.5                                      # ... with the fewest pixels
+
+
+def test_keep_mask_percentile_is_the_quantile_rule_and_bad_rules_fail():
+    from photoops.kernels.maps import keep_mask
+
+    g = torch.Generator().manual_seed(1)
+    v = torch.rand(3, 100, generator=g)
+    assert torch.equal(keep_mask(v, "percentile", 0.75), v >= torch.quantile(v, 0.75, dim=1, keepdim=True))
+    with pytest.raises(ValueError, match="mask rule must be one of"):
+        keep_mask(v, "area")
+    with pytest.raises(ValueError, match="mass must be in"):
+        keep_mask(v, "mass", mass=0.0)
