@@ -32,7 +32,7 @@ from photoops.kernels import eta as keta  # noqa: E402
 from photoops.kernels import maps as kmaps  # noqa: E402
 from photoops.kernels.attention import AttentionHooks, TokenMapRecorder  # noqa: E402
 from photoops.kernels.diffusers_adapter import DiffusersDenoiser  # noqa: E402
-from photoops.kernels.inversion import (ddim_invert, ddpm_invert, dpmpp_2m_sde_invert,  # noqa: E402
+from photoops.kernels.inversion import (BackgroundLock, ddim_invert, ddpm_invert, dpmpp_2m_sde_invert,  # noqa: E402
                                         eta_inversion_noises, replay_dpmpp_2m_sde, replay_sample)
 from photoops.kernels.schedule import VPSchedule  # noqa: E402
 
@@ -40,10 +40,10 @@ from photoops.kernels.schedule import VPSchedule  # noqa: E402
 SWAPS = {"red": "blue", "green": "yellow", "blue": "red", "yellow": "green"}
 
 
-def photos(n: int, seed: int):
+def photos(n: int, seed: int, which: str = "A"):
     from tools.toyworld import world
 
-    scenes = world.sample_scenes(n, seed=seed)
+    scenes = world.sample_scenes(n, seed=seed, world=which)
     src = world.render_batch(scenes)
     tgt_scenes = [world.with_colour(s, SWAPS[s.fg]) for s in scenes]
     tgt = world.render_batch(tgt_scenes)
@@ -99,7 +99,7 @@ def run(args):
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model = tm.load_model(args.model)
-    scenes, tgt_scenes, src, tgt, bg = photos(args.n, args.seed)
+    scenes, tgt_scenes, src, tgt, bg = photos(args.n, args.seed, args.world)
     src_caps = [f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes]
     tgt_caps = [f"a {t.fg} {t.shape} on a {t.bg} background" for t in tgt_scenes]
     x0 = src.clone()                                       # identity VAE, scaling 1: the latent is the image
@@ -180,8 +180,8 @@ SEMANTIC_NAMES = {"sega": "LEDITS (DDPM inversion + SEGA)", "ledits++": "LEDITS+
 
 def dpm_inversion(g_src, x0, sig, skip, seed):
     """LEDITS++ inversion of the replayed steps only (the 2M history starts there)."""
-    x_start, zs, _ = dpmpp_2m_sde_invert(g_src, x0, sig[skip:], generator=torch.Generator().manual_seed(seed))
-    return x_start, zs
+    x_start, zs, lad = dpmpp_2m_sde_invert(g_src, x0, sig[skip:], generator=torch.Generator().manual_seed(seed))
+    return x_start, zs, lad
 
 
 def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, skip, args, scale, dpm=None):
@@ -214,8 +214,23 @@ def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, sk
             for i in range(2)]
     concepts = [ksega.EditConcept(scale=scale, reverse=True, threshold=args.edit_threshold, warmup=args.edit_warmup),
                 ksega.EditConcept(scale=scale, threshold=args.edit_threshold, warmup=args.edit_warmup)]
-    sg = ksega.SemanticGuidance(concepts, momentum_scale=0.3, momentum_beta=0.6)
-    state = {"step": 0}
+    sg = ksega.SemanticGuidance(concepts, momentum_scale=0.3, momentum_beta=0.6, mask_rule=args.mask_rule,
+                                mask_mass=args.mask_mass)
+    state = {"step": 0, "sums": None, "n": 0}
+
+    def remember(masks):                       # [K, B, h, w] where each concept acted this step (the node's MaskStore)
+        m = masks.float()
+        state["sums"] = m if state["sums"] is None else state["sums"] + m
+        state["n"] += 1
+
+    def lock_mask(step):                       # the Inversion Sampler's one-pass lock (concept_masks input)
+        if state["n"] == 0:
+            return None
+        region = ((state["sums"] / state["n"]) >= args.lock_threshold).any(0).float()
+        region = torch.nn.functional.max_pool2d(region[:, None], 3, 1, 1)[:, 0]
+        if args.lock_feather > 0:
+            region = kmaps.gaussian_blur(region, args.lock_feather / 8.0)   # image px; the toy VAE is 1:1 (x8 as SD)
+        return region.clamp(0, 1)[:, None]
 
     def guided(x, s):
         for r in recs:
@@ -226,17 +241,27 @@ def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, sk
         e = [(x - d) / sv for d in outs]
         if mode == "sega":
             e_hat = sg.guide(e[0], e[1], e[2:], state["step"], args.src_cfg)
+            remember(torch.stack([ksega.percentile_mask(ksega.concept_direction(ec, e[0], c), c.threshold,
+                                                        args.mask_rule, args.mask_mass).any(1)
+                                  & torch.tensor(c.warm(state["step"]) and not c.cooled(state["step"]))
+                                  for c, ec in zip(concepts, e[2:])]))
         else:
-            e_hat = ksega.ledits_pp_guidance(e[0], e[2:], concepts, [r.result() for r in recs], state["step"],
-                                             timestep=float(td.schedule.timestep(s[0])))
+            e_hat, masks = ksega.ledits_pp_guidance(e[0], e[2:], concepts, [r.result() for r in recs], state["step"],
+                                                    timestep=float(td.schedule.timestep(s[0])), return_masks=True,
+                                                    mask_rule=args.mask_rule, mask_mass=args.mask_mass)
+            remember(masks.amax(2))
             e_hat = e_hat + args.src_cfg * (e[1] - e[0])     # replay the inversion's own prediction (Rule 2)
         state["step"] += 1
         return x - sv * e_hat
 
     n = len(sig) - 1
+    lock = None
+    if args.lock == "concepts":     # the source levels the replay visits: the DPM ladder covers sig[skip:] only
+        src_ladder = (dpm[2] if dpm is not None else ladder[: n - skip + 1]).flip(0)
+        lock = BackgroundLock(src_ladder, lock_mask, skip=0 if dpm is not None else skip)
     if dpm is not None:
-        return replay_dpmpp_2m_sde(guided, dpm[0], sig[skip:], noises=dpm[1])
-    return replay_sample(guided, ladder[n - skip], sig[skip:], noises=zs, start=skip)
+        return replay_dpmpp_2m_sde(guided, dpm[0], sig[skip:], noises=dpm[1], lock=lock)
+    return replay_sample(guided, ladder[n - skip], sig[skip:], noises=zs, start=skip, lock=lock)
 
 
 def region_maps(model, x0, captions, scenes, sig):
@@ -268,7 +293,9 @@ def region_maps(model, x0, captions, scenes, sig):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "tools" / "toyworld" / "model"))
+    ap.add_argument("--world", choices=("A", "B"), default="A",
+                    help="toy world: A (defaults are chosen here) or B (smaller objects, its own model)")
+    ap.add_argument("--model", default=None, help="toy model folder (default: the world's model)")
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--skip", type=float, default=0.3, help="fraction of steps skipped when editing")
@@ -281,14 +308,26 @@ def main():
     ap.add_argument("--concepts", choices=("words", "captions"), default="captions",
                     help="concept prompts: '<colour> <shape>' or whole captions")
     ap.add_argument("--semantic-only", action="store_true", help="only the LEDITS / LEDITS++ rows (for sweeps)")
+    ap.add_argument("--mask-rule", choices=("percentile", "otsu", "mass"), default="percentile",
+                    help="SEGA / LEDITS++ mask rule (kernels.maps.keep_mask)")
+    ap.add_argument("--mask-mass", type=float, default=0.5, help="mass fraction for --mask-rule mass")
+    ap.add_argument("--lock", choices=("none", "concepts"), default="none",
+                    help="background lock of the semantic edits: from the concepts' own masks, in one pass")
+    ap.add_argument("--lock-threshold", type=float, default=0.25, help="fraction of steps a concept acted")
+    ap.add_argument("--lock-feather", type=float, default=0.0, help="lock edge softness, image pixels")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the table here")
     a = ap.parse_args()
+    if a.model is None:
+        a.model = str(ROOT / "tools" / "toyworld" / ("model" if a.world == "A" else "model_b"))
     if not Path(a.model).is_dir():
         sys.exit(f"no toy model at {a.model}: train it (tools/toyworld/README.md) or pass --model")
     rows, meta = run(a)
-    print(f"toy world: {meta['n']} photos, {meta['steps']} steps, edit skip {meta['skip']}, target CFG {meta['cfg']}, "
-          f"source CFG {meta['src_cfg']} ({meta['seconds']} s)")
+    print(f"toy world {a.world}: {meta['n']} photos, {meta['steps']} steps, edit skip {meta['skip']}, target CFG "
+          f"{meta['cfg']}, source CFG {meta['src_cfg']}, mask rule {a.mask_rule}"
+          f"{f' (mass {a.mask_mass:g})' if a.mask_rule == 'mass' else ''}, lock {a.lock}"
+          f"{f' (threshold {a.lock_threshold:g}, feather {a.lock_feather:g})' if a.lock != 'none' else ''} "
+          f"({meta['seconds']} s)")
     print("| method | reconstruction PSNR (dB) | edit success | background PSNR (dB) | PSNR vs true edit (dB) |")
     print("|---|---|---|---|---|")
     for r in rows:

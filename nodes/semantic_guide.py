@@ -124,8 +124,11 @@ class EditConceptNode(io.ComfyNode):
         return io.NodeOutput(list(previous or []) + [item])
 
 
+DEFAULT_MASK_RULE = "percentile"
+
+
 def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta, use_target,
-                 mask_mode="intersect"):
+                 mask_mode="intersect", mask_rule=DEFAULT_MASK_RULE, mask_mass=0.5):
     """The CombineGuider for ``mode`` in {"sega", "ledits++"} (see the module docstring)."""
     ensure_supported(model)
     concepts = list(concepts or [])
@@ -144,7 +147,8 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
             recorders.append(hooks.add(TokenMapRecorder(list(range(1, c.n_tokens + 1)), prompt_len=77,
                                                         cond_index=i_c0 + i, layers="lowres")))
         patched = attach_attention_hooks(model, hooks)
-    sega = ksega.SemanticGuidance(kcs, momentum_scale=momentum_scale, momentum_beta=momentum_beta)
+    sega = ksega.SemanticGuidance(kcs, momentum_scale=momentum_scale, momentum_beta=momentum_beta,
+                                  mask_rule=mask_rule, mask_mass=mask_mass)
     schedule = vp_schedule(model)
     store = MaskStore(len(concepts))
 
@@ -176,7 +180,7 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
             semantic = sega.last_guidance                                   # (S9): e_hat = e_u + g_p + this
             if kcs:   # preview: where each applied concept's percentile mask keeps guidance (any channel)
                 store.add(torch.stack([
-                    ksega.percentile_mask(ksega.concept_direction(e_c, e_u, c), c.threshold).any(1)
+                    ksega.percentile_mask(ksega.concept_direction(e_c, e_u, c), c.threshold, mask_rule, mask_mass).any(1)
                     & torch.tensor(c.warm(step) and not c.cooled(step), device=e_u.device)
                     for c, e_c in zip(kcs, e_cs)]))
         else:
@@ -185,7 +189,7 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
                                                    timestep=float(schedule.timestep(sigma[0])),
                                                    use_intersect=mask_mode == "intersect",
                                                    use_cross_attn=mask_mode in ("intersect", "cross_attention"),
-                                                   return_masks=True)
+                                                   return_masks=True, mask_rule=mask_rule, mask_mass=mask_mass)
             semantic = e_pp - e_u                                           # the masked concept guidance
             if kcs:
                 store.add(masks.amax(2))
@@ -231,6 +235,13 @@ class SemanticGuideNode(io.ComfyNode):
                 io.Combo.Input("masks", options=["intersect", "cross_attention", "noise"], default="intersect",
                                tooltip="ledits++: cross-attention mask AND noise-estimate mask (default), "
                                        "cross-attention only, or noise-estimate only."),
+                io.Combo.Input("mask_rule", options=list(kmaps.MASK_RULES), default=DEFAULT_MASK_RULE,
+                               tooltip="How a mask keeps pixels. percentile: the papers' rule, always the top "
+                                       "(1 - threshold) of the image, whatever the object's size. otsu: a threshold "
+                                       "from the map's own histogram (follows the object's size). mass: the fewest "
+                                       "pixels holding mask_mass of the map's total."),
+                io.Float.Input("mask_mass", default=0.5, min=0.05, max=1.0, step=0.05,
+                               tooltip="mask_rule mass: the fraction of the map's total the kept pixels hold."),
             ],
             outputs=[io.Guider.Output(display_name="GUIDER", tooltip="Connect to SamplerCustomAdvanced."),
                      MASKS.Output(display_name="masks", tooltip="Where each concept acted; read with Concept Masks "
@@ -239,9 +250,9 @@ class SemanticGuideNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, concepts, mode, cfg, use_target, momentum_scale, momentum_beta,
-                masks) -> io.NodeOutput:
+                masks, mask_rule=DEFAULT_MASK_RULE, mask_mass=0.5) -> io.NodeOutput:
         guider, _ = build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta,
-                                 use_target, masks)
+                                 use_target, masks, mask_rule, mask_mass)
         return io.NodeOutput(guider, guider.photoops_masks)
 
 

@@ -190,3 +190,22 @@ def test_warmup_is_checked_against_the_steps_that_run_after_skip(env):
                                           "intersect").result[0]
     base = plain.sample(torch.zeros_like(lat), lat, sampler, sig, disable_pbar=True, seed=0)
     assert _rel(run(8), base) > 1e-4          # the concept acted on the one step after its warm-up
+
+
+@pytest.mark.parametrize("mode", ["sega", "ledits++"])
+def test_mask_rules_reach_the_guide(env, mode):
+    """The node's mask_rule decides the masks: percentile keeps the top 10 % (threshold 0.9) per step,
+    otsu / mass keep what the maps' own distribution says; all edit and stay finite."""
+    inv, _ = ninv.InvertNode.execute(env["model"], env["neg"], env["neg"], env["latent"], _sigmas(env["model"]),
+                                     "ddpm", 0, 1.0, 0).result
+    concepts = _concept(env, "blue circle", scale=7.0)
+    fractions = {}
+    for rule in ("percentile", "otsu", "mass"):
+        guider, store = nsg.SemanticGuideNode.execute(env["model"], env["neg"], env["neg"], concepts, mode, 1.0,
+                                                      False, 0.0, 0.6, "noise", rule, 0.5).result
+        out = _run(env, guider, inv)
+        assert torch.isfinite(out).all() and _rel(out, env["latent"]["samples"]) > 1e-3
+        fractions[rule] = float(store.mean(0).mean())
+    # ledits++: the top 10 % of one map; sega: the union over 4 channels of each channel's top 10 %
+    assert fractions["percentile"] <= (0.41 if mode == "sega" else 0.11)
+    assert len({round(v, 3) for v in fractions.values()}) == 3, fractions      # three different masks

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = "photoops_tiny_sd15.safetensors"
+SEMANTIC_MASK_RULE = "percentile"   # the Semantic Guide default (nodes/semantic_guide.py DEFAULT_MASK_RULE)
 
 
 class Graph:
@@ -250,7 +251,7 @@ def _semantic_edit(mode: str, title: str, note: str, prefix: str, method: str = 
                                                   ("negative", "CONDITIONING"),
                                                   ("concepts", "PHOTOOPS_EDIT_CONCEPTS")],
                 outputs=[("GUIDER", "GUIDER"), ("masks", "PHOTOOPS_CONCEPT_MASKS")],
-                widgets=[mode, 7.5, False, 0.3, 0.6, "intersect"],
+                widgets=[mode, 7.5, False, 0.3, 0.6, "intersect", SEMANTIC_MASK_RULE, 0.5],
                 pos=(1140, 20), size=(300, 240), title=title)
     g.link(ckpt, 0, sg, "model")
     g.link(src, 0, sg, "positive")
