@@ -186,3 +186,22 @@ def test_user_masks_are_the_start(env):
     out = _run(env, names="cl_um", words="dog", steps=1, init_masks=m, save_every=1)
     assert out.result[1].shape == (1, 64, 64)
     assert not os.path.exists(os.path.join(env["dir"], "conceptlearn", "cl_um-1.safetensors"))  # no periodic at the end
+
+
+def test_an_altered_embedding_checkpoint_is_refused(env, tmp_path):
+    """Concept Learn's files carry a content checksum; resuming from (or reading) an altered one fails naming it."""
+    import struct
+
+    from photoops.kernels.files import ChecksumError
+
+    path = os.path.join(env["dir"], "conceptlearn", "cl_tamper-1.safetensors")
+    save_concept_embedding(path, torch.randn(1, 768), {"method": ncl.METHOD, "concept": "cl_tamper", "step": 1})
+    read_concept_embedding(path)
+    with open(path, "rb+") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + n + 7)
+        b = f.read(1)
+        f.seek(8 + n + 7)
+        f.write(bytes([b[0] ^ 0x21]))
+    with pytest.raises(ChecksumError, match=r"cl_tamper-1\.safetensors is corrupt or was altered"):
+        ncl.ConceptLearnNode._resume("conceptlearn/cl_tamper-1.safetensors", ["cl_tamper"], 768, 1)
