@@ -148,7 +148,7 @@ def test_js_curve_matches_the_node_build_schedule():
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     comfyenv.ensure_comfy_importable()
-    from photoops.nodes import inversion as ninv
+    from photoops.nodes import eta_schedule as ninv
 
     assert set(ninv._PRESET_NAMES) == set(PRESET_NAMES) | {"constant", "custom"}
     cases = _cases()
