@@ -12,6 +12,23 @@ import os
 from ...kernels.files import clean_name, counter_name
 
 
+def _register(name: str, paths: list, extensions) -> None:
+    """The one folder registration: add ``paths`` to model folder ``name`` with ``extensions``; an entry
+    made before us (extra_model_paths.yaml, another pack) keeps its paths and gains ours."""
+    import folder_paths
+
+    entry = folder_paths.folder_names_and_paths.get(name)
+    if entry is None:
+        folder_paths.folder_names_and_paths[name] = (list(paths), set(extensions))
+        return
+    have, exts = entry
+    have.extend(p for p in paths if p not in have)
+    if isinstance(exts, set):
+        exts.update(extensions)
+    else:
+        folder_paths.folder_names_and_paths[name] = (have, set(exts) | set(extensions))
+
+
 def register_folder(name: str, subdir: str) -> str:
     """Register ``models/<subdir>`` and ``output/<subdir>`` as model folder ``name`` (safetensors).
 
@@ -21,12 +38,7 @@ def register_folder(name: str, subdir: str) -> str:
     import folder_paths
 
     out = os.path.join(folder_paths.get_output_directory(), subdir)
-    paths = [os.path.join(folder_paths.models_dir, subdir), out]
-    if name not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
-    else:
-        have = folder_paths.folder_names_and_paths[name][0]
-        have.extend(p for p in paths if p not in have)
+    _register(name, [os.path.join(folder_paths.models_dir, subdir), out], {".safetensors"})
     return out
 
 
@@ -46,25 +58,10 @@ POPS_EXTENSIONS = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
 
 
 def register_model_folder(name: str, subdir: str, extensions=POPS_EXTENSIONS) -> None:
-    """Register ``models/<subdir>`` as model folder ``name`` accepting ``extensions`` (kept when it exists).
-
-    Users can add roots in extra_model_paths.yaml under ``name``; a folder created there
-    before us (empty extension set) gets our extensions.
-    """
+    """Register ``models/<subdir>`` as model folder ``name`` accepting ``extensions`` (:func:`_register`)."""
     import folder_paths
 
-    path = os.path.join(folder_paths.models_dir, subdir)
-    entry = folder_paths.folder_names_and_paths.get(name)
-    if entry is None:
-        folder_paths.folder_names_and_paths[name] = ([path], set(extensions))
-        return
-    paths, exts = entry
-    if path not in paths:
-        paths.append(path)
-    if isinstance(exts, set):
-        exts.update(extensions)
-    else:
-        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
+    _register(name, [os.path.join(folder_paths.models_dir, subdir)], extensions)
 
 
 def embeddings_dir(create: bool = True) -> str:
@@ -78,7 +75,7 @@ def embeddings_dir(create: bool = True) -> str:
     import folder_paths
 
     d = os.path.join(folder_paths.get_output_directory(), "embeddings")
-    folder_paths.add_model_folder_path("embeddings", d)
+    _register("embeddings", [d], {".safetensors"})
     if create:
         os.makedirs(d, exist_ok=True)
     return d
