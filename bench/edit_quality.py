@@ -308,7 +308,7 @@ def main():
     ap.add_argument("--concepts", choices=("words", "captions"), default="captions",
                     help="concept prompts: '<colour> <shape>' or whole captions")
     ap.add_argument("--semantic-only", action="store_true", help="only the LEDITS / LEDITS++ rows (for sweeps)")
-    ap.add_argument("--mask-rule", choices=("percentile", "otsu", "mass"), default="percentile",
+    ap.add_argument("--mask-rule", choices=("percentile", "otsu", "mass"), default="otsu",
                     help="SEGA / LEDITS++ mask rule (kernels.maps.keep_mask)")
     ap.add_argument("--mask-mass", type=float, default=0.5, help="mass fraction for --mask-rule mass")
     ap.add_argument("--lock", choices=("none", "concepts"), default="none",

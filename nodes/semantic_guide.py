@@ -124,7 +124,7 @@ class EditConceptNode(io.ComfyNode):
         return io.NodeOutput(list(previous or []) + [item])
 
 
-DEFAULT_MASK_RULE = "percentile"
+DEFAULT_MASK_RULE = "otsu"      # chosen on toy world A (README, Edit quality); the papers use percentile
 
 
 def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta, use_target,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = "photoops_tiny_sd15.safetensors"
-SEMANTIC_MASK_RULE = "percentile"   # the Semantic Guide default (nodes/semantic_guide.py DEFAULT_MASK_RULE)
+SEMANTIC_MASK_RULE = "otsu"   # the Semantic Guide default (nodes/semantic_guide.py DEFAULT_MASK_RULE)
 
 
 class Graph:
