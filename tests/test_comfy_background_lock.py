@@ -97,7 +97,7 @@ def test_one_pass_lock_from_the_semantic_guides_masks(env):
     concept = nsg.EditConceptNode.execute(env["clip"], "blue square", direction="add", scale=7.0, threshold=0.9,
                                           warmup=0, cooldown=-1, weight=1.0).result[0]
     guider, store = nsg.SemanticGuideNode.execute(env["model"], env["neg"], env["neg"], concept, "sega", 1.0, False,
-                                                  0.0, 0.6, "intersect").result
+                                                  0.0, 0.6, "intersect", "percentile").result
     sampler = ninv.InversionSamplerNode.execute(inv, concept_masks=store, feather=0.0, concept_threshold=0.5).result[0]
     out = _run(env, guider, sampler)
     region = store.lock_region(0.5)

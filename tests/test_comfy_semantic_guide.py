@@ -159,7 +159,8 @@ def test_guided_result_recomputed_from_the_rows_it_expects(env, use_target):
     rows = {s[0]: s[3] for s in seen}
     x, sigma = box["x"], float(sigmas[0])
     eps = {k: (x - v) / sigma for k, v in rows.items()}
-    sega = ksega.SemanticGuidance([c.concept for c in concepts], momentum_scale=0.3, momentum_beta=0.6)
+    sega = ksega.SemanticGuidance([c.concept for c in concepts], momentum_scale=0.3, momentum_beta=0.6,
+                                  mask_rule=nsg.DEFAULT_MASK_RULE)          # the node's default rule
     e_hat = sega.guide(eps["negative"], eps["positive"] if use_target else None,
                        [eps["concept0"], eps["concept1"]], 0, 3.0)
     expect = x - sigma * e_hat
