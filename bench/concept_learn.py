@@ -36,8 +36,49 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _current_rss_mb() -> float:
+    """The process's resident set now (Linux /proc; falls back to the high-water mark elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _PeakRSS:
+    """Peak resident set between :meth:`start` and :meth:`peak`, sampled every 5 ms by a thread.
+
+    ``ru_maxrss`` cannot measure a phase: it is the process's all-time high, which model loading (and
+    the TI recipe's deep copies) had already set, so the TI loop read +0.0 MB.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.max, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.max = max(self.max, _current_rss_mb())
+            self._stop.wait(0.005)
+
+    def start(self) -> float:
+        import gc
+
+        gc.collect()
+        self.base = _current_rss_mb()
+        self.max = self.base
+        self._thread.start()
+        return self.base
+
+    def peak(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.max, _current_rss_mb())
+
+
+_SAMPLER = {}
 
 
 def load(name: str):
@@ -156,7 +197,10 @@ def _mem(device, reset=False):
             return torch.cuda.memory_allocated() / 2 ** 20
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return _rss_mb()
+    if reset:                                    # CPU: the peak of the current RSS over the measured phase
+        _SAMPLER["s"] = _PeakRSS()
+        return _SAMPLER["s"].start()
+    return _SAMPLER.pop("s").peak()
 
 
 def _result(times, total, peak_mb):
