@@ -216,21 +216,15 @@ def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, sk
                 ksega.EditConcept(scale=scale, threshold=args.edit_threshold, warmup=args.edit_warmup)]
     sg = ksega.SemanticGuidance(concepts, momentum_scale=0.3, momentum_beta=0.6, mask_rule=args.mask_rule,
                                 mask_mass=args.mask_mass)
-    state = {"step": 0, "sums": None, "n": 0}
-
-    def remember(masks):                       # [K, B, h, w] where each concept acted this step (the node's MaskStore)
-        m = masks.float()
-        state["sums"] = m if state["sums"] is None else state["sums"] + m
-        state["n"] += 1
+    state = {"step": 0}
+    acted = kmaps.StepMasks(len(concepts))     # where each concept acted, per step (the Semantic Guide's masks)
+    remember = acted.add
 
     def lock_mask(step):                       # the Inversion Sampler's one-pass lock (concept_masks input)
-        if state["n"] == 0:
+        region = acted.lock_region(args.lock_threshold)
+        if region is None:
             return None
-        region = ((state["sums"] / state["n"]) >= args.lock_threshold).any(0).float()
-        region = torch.nn.functional.max_pool2d(region[:, None], 3, 1, 1)[:, 0]
-        if args.lock_feather > 0:
-            region = kmaps.gaussian_blur(region, args.lock_feather / 8.0)   # image px; the toy VAE is 1:1 (x8 as SD)
-        return region.clamp(0, 1)[:, None]
+        return kmaps.soften_mask(kmaps.dilate(region), args.lock_feather / 8.0)   # image px, x8 as SD
 
     def guided(x, s):
         for r in recs:

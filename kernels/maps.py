@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["gaussian_kernel1d", "gaussian_blur", "normalize_max", "binarize", "resize_map", "heatmap", "overlay",
-           "otsu_threshold", "keep_mask", "MASK_RULES"]
+           "otsu_threshold", "keep_mask", "MASK_RULES", "StepMasks", "dilate", "soften_mask"]
 
 MASK_RULES = ("percentile", "otsu", "mass")
 
@@ -160,3 +160,48 @@ def overlay(image: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6) -> torc
         else:
             raise ValueError(f"image batch {image.shape[0]} does not match map batch {hm.shape[0]}")
     return (image[..., :3].float() * (1 - alpha) + hm * alpha).clamp(0, 1)
+
+
+class StepMasks:
+    """Per concept, where guidance acted at each step of a run so far (the Semantic Guide's masks
+    output, and the background lock's region).  ``add`` takes ``[K, B, h, w]`` in {0, 1} per step."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps = [None] * self.k, 0
+
+    def add(self, masks):
+        self.steps += 1
+        for i in range(self.k):
+            m = masks[i].float().detach().cpu()
+            self.sums[i] = m if self.sums[i] is None else self.sums[i] + m
+
+    def mean(self, i: int):
+        """``[B, h, w]``: the fraction of the steps concept ``i`` acted at each pixel."""
+        if not 0 <= i < self.k:
+            raise ValueError(f"concept index {i} is out of range: the guide has {self.k} concept(s)")
+        if self.steps == 0 or self.sums[i] is None:
+            raise RuntimeError("no guidance step has run yet: connect this node after the sampler that used the guide")
+        return self.sums[i] / self.steps
+
+    def lock_region(self, threshold: float):
+        """``[B, h, w]``: where any concept acted in at least ``threshold`` of the steps so far (the
+        Inversion Sampler's one-pass background lock); None before the first step."""
+        if self.steps == 0 or all(s is None for s in self.sums):
+            return None
+        frac = torch.stack([s for s in self.sums if s is not None]) / self.steps
+        return (frac >= max(float(threshold), 1e-6)).any(0).float()
+
+
+def dilate(masks: torch.Tensor, px: int = 1) -> torch.Tensor:
+    """``[B, H, W]`` masks grown by ``px`` pixels (square neighbourhood)."""
+    return F.max_pool2d(masks.float()[:, None], 2 * px + 1, 1, px)[:, 0]
+
+
+def soften_mask(masks: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``[B, H, W]`` in [0, 1] -> ``[B, 1, H, W]``, edges blurred with a Gaussian of ``sigma`` pixels (0: hard)."""
+    m = gaussian_blur(masks.float(), sigma) if sigma > 0 else masks.float()
+    return m.clamp(0, 1)[:, None]

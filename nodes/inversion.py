@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..kernels import eta as keta
@@ -252,14 +251,8 @@ def _lock(inv: Inversion, spec: dict | None, latent_hw):
         raise ValueError("this INVERSION holds no source ladder (it was saved by an older PhotoOps): invert the "
                          "photo again to use the background lock")
     feather = float(spec["feather"]) / VAE_FACTOR                    # image pixels -> latent pixels
-
-    def soften(m):                                                     # [B, h, w] in [0, 1] -> [B, 1, h, w]
-        if feather > 0:
-            m = kmaps.gaussian_blur(m.float(), feather)
-        return m.clamp(0, 1)[:, None]
-
     if spec.get("mask") is not None:
-        m = soften(kmaps.resize_map(spec["mask"].float(), latent_hw, mode="area"))
+        m = kmaps.soften_mask(kmaps.resize_map(spec["mask"].float(), latent_hw, mode="area"), feather)
         return kinv.BackgroundLock(inv.source_ladder, m, skip=inv.skip)
     store, thr = spec["concept_masks"], float(spec["threshold"])
 
@@ -267,8 +260,7 @@ def _lock(inv: Inversion, spec: dict | None, latent_hw):
         region = store.lock_region(thr)
         if region is None:
             return None
-        region = F.max_pool2d(region.float()[:, None], 3, 1, 1)[:, 0]
-        return soften(kmaps.resize_map(region, latent_hw, mode="nearest"))
+        return kmaps.soften_mask(kmaps.resize_map(kmaps.dilate(region), latent_hw, mode="nearest"), feather)
 
     return kinv.BackgroundLock(inv.source_ladder, from_concepts, skip=inv.skip)
 

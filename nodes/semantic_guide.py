@@ -29,36 +29,8 @@ CONCEPTS = io.Custom("PHOTOOPS_EDIT_CONCEPTS")
 MASKS = io.Custom("PHOTOOPS_CONCEPT_MASKS")
 
 
-class MaskStore:
-    """Per concept, the running mean over steps of where its guidance was applied ([B, H, W] in [0, 1])."""
-
-    def __init__(self, k: int):
-        self.k = k
-        self.reset()
-
-    def reset(self):
-        self.sums, self.steps = [None] * self.k, 0
-
-    def add(self, masks):                 # masks: [K, B, h, w] in {0, 1}
-        self.steps += 1
-        for i in range(self.k):
-            m = masks[i].float().detach().cpu()
-            self.sums[i] = m if self.sums[i] is None else self.sums[i] + m
-
-    def lock_region(self, threshold: float):
-        """``[B, h, w]``: where any concept acted in at least ``threshold`` of the steps so far (the
-        Inversion Sampler's one-pass background lock); None before the first step."""
-        if self.steps == 0 or all(s is None for s in self.sums):
-            return None
-        frac = torch.stack([s for s in self.sums if s is not None]) / self.steps
-        return (frac >= max(float(threshold), 1e-6)).any(0).float()
-
-    def mean(self, i: int):
-        if not 0 <= i < self.k:
-            raise ValueError(f"concept index {i} is out of range: the guide has {self.k} concept(s)")
-        if self.steps == 0 or self.sums[i] is None:
-            raise RuntimeError("no guidance step has run yet: connect this node after the sampler that used the guide")
-        return self.sums[i] / self.steps
+#: Per concept, the running mean over steps of where its guidance was applied (the masks output).
+MaskStore = kmaps.StepMasks
 
 
 @dataclass

@@ -41,12 +41,19 @@ def cross_attention_layers(model) -> list:
     return [LayerInfo(key=k, place=_PLACES[k[0]], order=n) for n, k in enumerate(keys)]
 
 
+def _sigma_of(extra_options, default: float) -> float:
+    """The step's sigma from an attention patch's ``extra_options`` (``default`` when absent)."""
+    sig = extra_options.get("sigmas")
+    if isinstance(sig, torch.Tensor):
+        return float(sig.flatten()[0])
+    return default if sig is None else float(sig)
+
+
 def _call_info(q, extra_options) -> CallInfo:
     # row indices in the guider's conditioning list: our CombineGuider keeps them under
     # "photoops_rows" (it shows other packs core's 0/1 flags); other guiders use the indices
     chunks = list(extra_options.get("photoops_rows") or extra_options.get("cond_or_uncond") or [0])
-    sig = extra_options.get("sigmas")
-    sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) else float(sig or 0.0)
+    sigma = _sigma_of(extra_options, 0.0)
     step, total = step_of_sigma(sigma, extra_options.get("sample_sigmas"))
     shape = extra_options.get("original_shape")
     return CallInfo(sigma=sigma, chunks=chunks, rows_per_chunk=q.shape[0] // max(len(chunks), 1),
@@ -104,8 +111,7 @@ class PhotoOpsAttn2Replace:
         else:
             out = self._attend(q, k, v, extra_options)
         if self.callbacks:
-            sig = extra_options.get("sigmas")
-            sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) else float("inf")
+            sigma = _sigma_of(extra_options, float("inf"))
             dtype = out.dtype
             for cb, kw in zip(self.callbacks, self.kwargs):
                 if kw.get("sigma_end", -float("inf")) <= sigma <= kw.get("sigma_start", float("inf")):
