@@ -7,15 +7,16 @@ but the first (file checks only) skips with the reason.  The server is the harne
 (``comfy_harness/ipadapter_fixtures.py``).
 
 * the pack imports and registers IPAdapterModelLoader / IPAdapterEmbeds; the widget values of
-  both shipped IP-Adapter workflows (CI-sized and paper settings) fit the pack's current signatures;
+  the shipped IP-Adapter workflow (the paper's settings) fit the pack's current signatures;
 * the shipped workflows needing the pack (the rule of ``comfy_harness/third_party.py``, which
-  makes the core-only tests skip them) are exactly these two files in ``workflows/``, each with a
-  Note saying it needs the pack;
-* ``workflows/pops_ipadapter_sdxl.json`` runs over HTTP and writes a 64x64 PNG; with
+  makes the core-only tests skip them) are exactly this file in ``workflows/``, with a Note
+  saying it needs the pack;
+* ``workflows/pops_ipadapter_sdxl.json``, shrunk by the override table (tiny SDXL parts, 64 px,
+  5 steps), runs over HTTP and writes a 64x64 PNG; with
   IPAdapterEmbeds' weight at 0 the image equals the same graph without the adapter, at weight 1
   it differs, and another pOps embedding (Operator Apply with input A dropped) gives another
   image: the embedding reaches the UNet through the pack's attention patch;
-* both workflows load in ComfyUI's frontend (headless Chromium) without missing/broken nodes and
+* the workflow loads in ComfyUI's frontend (headless Chromium) without missing/broken nodes and
   graphToPrompt equals our converter (skipped without Chromium/Playwright).
 """
 import copy
@@ -35,13 +36,12 @@ if _TESTS not in sys.path:
 from comfy_harness import comfyenv, third_party
 from comfy_harness import pytest_fixtures as _fx
 from comfy_harness.convert import ui_to_api
-from comfy_harness.overrides import apply_overrides
 from comfy_harness.ipadapter_fixtures import PACK_NAME, cached_ipadapter_fixtures, pack_skip_reason
+from comfy_harness.overrides import apply_overrides
 from comfy_harness.server import ComfyServer, output_images
 
 ROOT = Path(__file__).resolve().parents[1]
 WF = ROOT / "workflows" / "pops_ipadapter_sdxl.json"
-WF_PAPER = ROOT / "workflows" / "pops_ipadapter_sdxl_paper.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,9 +94,9 @@ def _node(prompt, cls):
 
 def test_the_pack_workflows_are_this_pair_with_a_note():
     shipped = sorted((ROOT / "workflows").glob("*.json"))
-    assert third_party.needing(PACK_NAME, shipped) == [WF, WF_PAPER]
-    assert not set(third_party.core_only(shipped)) & {WF, WF_PAPER}
-    for path in (WF, WF_PAPER):
+    assert third_party.needing(PACK_NAME, shipped) == [WF]
+    assert WF not in set(third_party.core_only(shipped))
+    for path in (WF,):
         notes = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in ("Note", "MarkdownNote")]
         assert any(PACK_NAME in n["widgets_values"][0] and "cubiq" in n["widgets_values"][0] for n in notes), (
             f"{path.name}: no Note naming {PACK_NAME} (cubiq)")
@@ -128,8 +128,8 @@ def test_pack_loads_and_workflow_widgets_fit_its_signatures(ipa_server):
         assert cls in info and info[cls]["python_module"].endswith(PACK_NAME), (cls, info.get(cls))
     assert "photoops_tiny_ip-adapter_sdxl.safetensors" in info["IPAdapterModelLoader"]["input"]["required"][
         "ipadapter_file"][0]
-    for path in (WF, WF_PAPER):
-        prompt = ui_to_api(json.loads(path.read_text()), info)  # strict: widget counts must match
+    for path in (WF,):
+        prompt = apply_overrides(ui_to_api(json.loads(path.read_text()), info))  # strict: widget counts match
         for node in prompt.values():
             if node["class_type"] not in ("IPAdapterEmbeds",):
                 continue
@@ -153,7 +153,8 @@ def test_pops_ipadapter_workflow_runs_and_the_adapter_changes_the_image(ipa_serv
 
     srv = ipa_server
     prompt = apply_overrides(ui_to_api(json.loads(WF.read_text()), srv.object_info()))
-    ipe, ks, unet = _node(prompt, "IPAdapterEmbeds"), _node(prompt, "KSampler"), _node(prompt, "UNETLoader")
+    ipe, ks = _node(prompt, "IPAdapterEmbeds"), _node(prompt, "KSampler")
+    unet = _node(prompt, "PhotoOpsTest_SDXLCheckpointParts")
     assert prompt[ks]["inputs"]["model"] == [ipe, 0]
     with_ipa = _run_image(srv, prompt, "run pops_ipadapter_sdxl.json")
     assert with_ipa.shape == (64, 64, 3)
@@ -168,7 +169,7 @@ def test_pops_ipadapter_workflow_runs_and_the_adapter_changes_the_image(ipa_serv
     without = _run_image(srv, p_none, "run without adapter")
 
     # Operator Apply with input A dropped: another pOps embedding, so another image (only through the
-    # adapter: the revision node is at strength 0).  A new operator seed is not enough here: the tiny
+    # adapter: the text prompts are the same).  A new operator seed is not enough here: the tiny
     # random prior's result barely depends on its sampling noise.
     app = _node(prompt, "PhotoOps_OperatorApply")
     p_drop = copy.deepcopy(prompt)
@@ -202,7 +203,7 @@ def test_pops_ipadapter_workflow_loads_in_the_frontend(ipa_server):
     with br.Chromium() as chrome, sync_playwright() as pw:
         page = br.FrontendPage.open(pw, chrome, ipa_server.url)
         try:
-            for path in (WF, WF_PAPER):
+            for path in (WF,):
                 wf = json.loads(path.read_text())
                 mark = page.mark()
                 report = page.load_workflow(wf)
@@ -213,4 +214,4 @@ def test_pops_ipadapter_workflow_loads_in_the_frontend(ipa_server):
                 assert strip(ui_to_api(wf, ipa_server.object_info())) == strip(report.prompt), path.name
         finally:
             page.close()
-    ipa_server.timings["browser pops_ipadapter_sdxl*.json"] = time.perf_counter() - t0
+    ipa_server.timings["browser pops_ipadapter_sdxl.json"] = time.perf_counter() - t0

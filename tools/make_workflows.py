@@ -1,8 +1,15 @@
-"""Write the example workflows in ``workflows/`` (ComfyUI UI format, as users share them).
+"""Write the workflows in ``workflows/``: what a user opens (ComfyUI UI format), at the papers' settings.
 
-Run ``python tools/make_workflows.py``; the files are deterministic.  Each workflow names
-the test checkpoint ``photoops_tiny_sd15.safetensors`` so CI can run it; users pick
-their own checkpoint in the loader.
+Run ``python tools/make_workflows.py``; the files are deterministic.  Each names the canonical model
+files (SD1.5 ``v1-5-pruned-emaonly-fp16``, SDXL ``sd_xl_base_1.0``, InstructPix2Pix, ``clip_vision_g``,
+the released pOps operators, ``ip-adapter_sdxl``) with the frontend's download metadata
+(``properties.models``: name, url, directory, as ComfyUI's own templates carry it), edits one of the
+real photos of ``tools/make_photos.py`` and explains itself in a MarkdownNote; groups mark the stages.
+The tests run exactly these files, shrunk by the override table in ``tests/comfy_harness/overrides.py``.
+
+Layout: every graph is a list of stages (a group each), every stage a list of columns; nodes stack in
+their column with room for LiteGraph's title bar, so no two nodes overlap (the browser test measures
+the rendered rectangles).
 """
 from __future__ import annotations
 
@@ -10,28 +17,86 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CKPT = "photoops_tiny_sd15.safetensors"
 SEMANTIC_MASK_RULE = "otsu"   # the Semantic Guide default (nodes/semantic_guide.py DEFAULT_MASK_RULE)
+
+# ---- models: what each loader names, and where the frontend offers to download it from -----------
+HF = "https://huggingface.co"
+SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
+        "url": f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors"}
+SDXL = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+        "url": f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}
+IP2P = {"name": "instruct-pix2pix-00-22000.safetensors", "directory": "checkpoints",
+        "url": f"{HF}/timbrooks/instruct-pix2pix/resolve/main/instruct-pix2pix-00-22000.safetensors"}
+CLIP_VISION_G = {"name": "clip_vision_g.safetensors", "directory": "clip_vision",
+                 "url": f"{HF}/comfyanonymous/clip_vision_g/resolve/main/clip_vision_g.safetensors"}
+IPADAPTER_SDXL = {"name": "ip-adapter_sdxl.safetensors", "directory": "ipadapter",
+                  "url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/ip-adapter_sdxl.safetensors"}
+POPS_TEXTURING = {"name": "texturing/learned_prior.pth", "directory": "pops",
+                  "url": f"{HF}/pOpsPaper/operators/resolve/main/models/texturing/learned_prior.pth"}
+POPS_SCENE = {"name": "scene/learned_prior.pth", "directory": "pops",
+              "url": f"{HF}/pOpsPaper/operators/resolve/main/models/scene/learned_prior.pth"}
+KANDINSKY_PRIOR = {"name": "kandinsky-2-2-prior.safetensors", "directory": "pops",
+                   "url": f"{HF}/kandinsky-community/kandinsky-2-2-prior/resolve/main/prior/"
+                          "diffusion_pytorch_model.safetensors"}
+#: every model a shipped workflow may name (tests check loaders against this list)
+ALL_MODELS = (SD15, SDXL, IP2P, CLIP_VISION_G, IPADAPTER_SDXL, POPS_TEXTURING, POPS_SCENE, KANDINSKY_PRIOR)
+
+# ---- photos (tools/make_photos.py; sources and licences in the README) -----------------------------
+CAT, COFFEE, ROCKET, ASTRONAUT, BRICK = ("photoops_cat.jpg", "photoops_coffee.jpg", "photoops_rocket.jpg",
+                                         "photoops_astronaut.jpg", "photoops_brick.jpg")
+PHOTO_CREDIT = {CAT: "'Chelsea' by Stefan van der Walt, CC0", COFFEE: "coffee by Rachel Michetti, CC0",
+                ROCKET: "SpaceX, public domain", ASTRONAUT: "NASA, public domain",
+                BRICK: "CC0Textures Bricks25, CC0"}
+PHOTOS_NOTE = ("The photo comes with the pack: copy `custom_nodes/photoops/workflows/*.jpg` into ComfyUI's "
+               "`input/` folder once (or load your own).")
+
+TITLE_H = 30      # LiteGraph's title bar, drawn above ``pos``
+GAP_X, GAP_Y = 50, 40
+GROUP_PAD, GROUP_TITLE = 15, 45
+TOP = 30 + GROUP_TITLE + TITLE_H
+
+# heights of what a node draws besides its slots and one-line widgets
+EXTRA_H = {"LoadImage": 300, "SaveImage": 280, "PreviewImage": 280, "PhotoOps_EtaSchedule": 190}
+MULTILINE = {"CLIPTextEncode": {0}, "PhotoOps_AttentionCapture": {0}, "PhotoOps_ConceptLearn": set(),
+             "PhotoOps_InstructionLearn": set()}
+WIDE = {"CLIPTextEncode": 420, "PhotoOps_ConceptLearn": 380, "PhotoOps_InstructionLearn": 380,
+        "PhotoOps_Invert": 360, "PhotoOps_SemanticGuide": 340, "PhotoOps_AttentionCapture": 360,
+        "PhotoOps_EtaSchedule": 340, "SamplerCustomAdvanced": 300, "VAEDecode": 220, "VAEEncode": 220,
+        "DisableNoise": 220, "ImageBatch": 220, "MaskToImage": 220, "PhotoOps_OperatorApply": 360}
+
+
+def _size(type_, inputs, outputs, widgets) -> list:
+    """A generous box for the node: slots, one-line widgets, multi-line text, image previews."""
+    n_widgets = len(widgets or ())
+    multiline = len(MULTILINE.get(type_, ()))
+    h = 16 + 24 * max(len(inputs), len(outputs), 1) + 26 * n_widgets + 90 * multiline + EXTRA_H.get(type_, 0)
+    return [WIDE.get(type_, 320), h]
 
 
 class Graph:
-    """Minimal UI-format graph builder: nodes with positional widgets and typed links."""
+    """UI-format graph builder: nodes with positional widgets and typed links, laid out by stage."""
 
     def __init__(self):
-        self.nodes, self.links = [], []
+        self.nodes, self.links, self.groups = [], [], []
 
-    def node(self, type_, inputs=(), outputs=(), widgets=None, pos=(0, 0), title=None, size=(320, 120)):
+    def node(self, type_, inputs=(), outputs=(), widgets=None, title=None, size=None, models=None):
         nid = len(self.nodes) + 1
-        n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1,
-             "mode": 0, "inputs": [{"name": name, "type": t, "link": None} for name, t in inputs],
+        n = {"id": nid, "type": type_, "pos": [0, 0], "size": list(size or _size(type_, inputs, outputs, widgets)),
+             "flags": {}, "order": nid - 1, "mode": 0,
+             "inputs": [{"name": name, "type": t, "link": None} for name, t in inputs],
              "outputs": [{"name": name, "type": t, "links": [], "slot_index": i} for i, (name, t) in enumerate(outputs)],
              "properties": {"Node name for S&R": type_}}
+        if models:
+            n["properties"]["models"] = [dict(m) for m in models]
         if widgets is not None:
             n["widgets_values"] = list(widgets)
         if title:
             n["title"] = title
         self.nodes.append(n)
         return nid
+
+    def note(self, markdown: str, width: int = 440, height: int = 560):
+        return self.node("MarkdownNote", widgets=[markdown], size=(width, height), title="Read me")
 
     def link(self, src, src_slot, dst, dst_input):
         s = self.nodes[src - 1]
@@ -43,614 +108,668 @@ class Graph:
         s["outputs"][src_slot]["links"].append(lid)
         d["inputs"][slot]["link"] = lid
 
-    def note(self, text: str, width: int = 520, height: int = 110, gap: int = 60):
-        """A frontend-only Note node below every other node (LiteGraph draws a ~30 px title bar
-        above ``pos``, hence the gap), so it never overlaps one."""
-        bottom = max(n["pos"][1] + n["size"][1] for n in self.nodes)
-        nid = len(self.nodes) + 1
-        self.nodes.append({"id": nid, "type": "Note", "pos": [20, bottom + gap], "size": [width, height],
-                           "flags": {}, "order": nid - 1, "mode": 0, "inputs": [], "outputs": [],
-                           "properties": {}, "widgets_values": [text]})
-        return nid
+    def layout(self, note: int, stages) -> None:
+        """``stages``: [(group title, [[node ids of column 1], [column 2], ...]), ...], left to right after
+        the note.  Each stage gets a group around its nodes."""
+        n = self.nodes[note - 1]
+        n["pos"] = [20, TOP]
+        x = 20 + n["size"][0] + GAP_X + GROUP_PAD
+        placed = {note}
+        for title, columns in stages:
+            x0, bottom = x, TOP
+            for col in columns:
+                y = TOP
+                for nid in col:
+                    assert nid not in placed, f"node {nid} placed twice"
+                    placed.add(nid)
+                    node = self.nodes[nid - 1]
+                    node["pos"] = [x, y]
+                    y += node["size"][1] + GAP_Y + TITLE_H
+                bottom = max(bottom, y - GAP_Y - TITLE_H)
+                x += max(self.nodes[i - 1]["size"][0] for i in col) + GAP_X
+            right = x - GAP_X
+            self.groups.append({"title": title, "bounding": [x0 - GROUP_PAD, TOP - TITLE_H - GROUP_TITLE,
+                                                            right - x0 + 2 * GROUP_PAD,
+                                                            bottom - TOP + TITLE_H + GROUP_TITLE + GROUP_PAD],
+                                "color": "#3f789e", "font_size": 24, "flags": {}})
+            x += 2 * GROUP_PAD + 30
+        missing = {nd["id"] for nd in self.nodes} - placed
+        assert not missing, f"nodes without a place: {sorted(missing)}"
 
-    def to_json(self, note=None):
+    def to_json(self) -> dict:
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {},
-                "extra": {"photoops_note": note} if note else {}, "version": 0.4}
+                "links": self.links, "groups": self.groups, "config": {}, "extra": {}, "version": 0.4}
 
 
-def txt2img_base(g: Graph, prompt: str, negative: str = "blurry", size=(64, 64), batch=1):
-    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-                  widgets=[CKPT], pos=(20, 200))
-    pos = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=[prompt], pos=(380, 40), title="Positive prompt", size=(400, 140))
-    neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=[negative], pos=(380, 230), title="Negative prompt", size=(400, 140))
-    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[size[0], size[1], batch],
-                 pos=(20, 420))
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
-    return ckpt, pos, neg, lat
+# ---- building blocks ---------------------------------------------------------------------------------
+def checkpoint(g: Graph, model: dict, title: str | None = None):
+    return g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+                  widgets=[model["name"]], title=title, models=[model])
 
 
+def text(g: Graph, ckpt_or_clip, value: str, title: str, slot: int = 1):
+    n = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
+               widgets=[value], title=title)
+    g.link(ckpt_or_clip, slot, n, "clip")
+    return n
+
+
+def load_image(g: Graph, name: str, title: str):
+    return g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=[name, "image"], title=title)
+
+
+def scale_image(g: Graph, image, size: int, title: str | None = None):
+    """Core ImageScale to size x size, centre crop: the model's native resolution."""
+    n = g.node("ImageScale", inputs=[("image", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
+               widgets=["lanczos", size, size, "center"], title=title or f"Resize to {size}x{size}")
+    g.link(image, 0, n, "image")
+    return n
+
+
+def save_image(g: Graph, src, prefix: str, title: str | None = None, slot: int = 0):
+    n = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=[prefix], title=title)
+    g.link(src, slot, n, "images")
+    return n
+
+
+def decode(g: Graph, samples, vae, vae_slot: int = 2):
+    n = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")])
+    g.link(samples, 0, n, "samples")
+    g.link(vae, vae_slot, n, "vae")
+    return n
+
+
+def ksampler(g: Graph, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, model_slot=0):
+    n = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                   ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
+               widgets=[seed, "fixed", steps, cfg, sampler, scheduler, 1.0])
+    g.link(model, model_slot, n, "model")
+    g.link(positive[0], positive[1], n, "positive")
+    g.link(negative[0], negative[1], n, "negative")
+    g.link(latent, 0, n, "latent_image")
+    return n
+
+
+def empty_latent(g: Graph, size: int):
+    return g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[size, size, 1])
+
+
+def md(title: str, what: str, models: list, knobs: list, photo: str | None = None, extra: str = "") -> str:
+    lines = [f"## {title}", "", what, "", "**Models** (the loader offers the download when a file is missing):"]
+    lines += [f"- `{m['name']}` → `models/{m['directory']}/`" for m in models]
+    lines += ["", "**Knobs that matter:**"] + [f"- {k}" for k in knobs]
+    if photo:
+        lines += ["", f"**Photo:** `{photo}` ({PHOTO_CREDIT[photo]}). {PHOTOS_NOTE}"]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines)
+
+
+# ---- attention mask ------------------------------------------------------------------------------------
 def attention_mask() -> dict:
-    prompt = "a photo of a red circle on a blue background"
+    prompt = "a photo of a cat sitting on a wooden windowsill, soft daylight"
     g = Graph()
-    ckpt, pos, neg, lat = txt2img_base(g, prompt)
+    note = g.note(md("Attention Mask: where a word goes",
+                     "Attention Capture records the cross-attention of one word of the prompt while core KSampler "
+                     "draws the image with the returned MODEL; Attention Mask turns the recording into a MASK and "
+                     "a heat map (use the MASK for inpainting, IP-Adapter regions, or PhotoOps' background lock).",
+                     [SD15], ["**word** on Attention Capture: any word (or words) of the prompt.",
+                              "**layers**: `lowres` (16x16 maps, the cleanest) or `all`.",
+                              "**mode / value** on Attention Mask: `quantile` 0.8 keeps the top 20 % of the map."]))
+    ckpt = checkpoint(g, SD15)
+    pos = text(g, ckpt, prompt, "Prompt")
+    neg = text(g, ckpt, "blurry, low quality", "Negative prompt")
     cap = g.node("PhotoOps_AttentionCapture", inputs=[("model", "MODEL"), ("clip", "CLIP")],
                  outputs=[("MODEL", "MODEL"), ("capture", "PHOTOOPS_ATTENTION_CAPTURE")],
-                 widgets=[prompt, "circle", "all", 0.0, 1.0], pos=(380, 440), size=(400, 220))
-    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
-                widgets=[42, "fixed", 4, 7.0, "euler", "normal", 1.0], pos=(830, 120), size=(315, 262))
-    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 pos=(1180, 40), size=(210, 46))
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_attention_image"],
-                  pos=(1420, 20), size=(260, 270))
-    am = g.node("PhotoOps_AttentionMask", inputs=[("capture", "PHOTOOPS_ATTENTION_CAPTURE"), ("samples", "LATENT"),
-                                                  ("image", "IMAGE")],
-                outputs=[("mask", "MASK"), ("heatmap", "IMAGE")], widgets=["quantile", 0.8, 0.5, "image"],
-                pos=(1180, 330), size=(300, 180))
-    heat = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_attention_heatmap"],
-                  pos=(1520, 330), size=(260, 270), title="Heat map")
-    m2i = g.node("MaskToImage", inputs=[("mask", "MASK")], outputs=[("IMAGE", "IMAGE")], pos=(1520, 640),
-                 size=(210, 30))
-    msave = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_attention_mask"],
-                   pos=(1760, 640), size=(260, 270), title="Mask")
+                 widgets=[prompt, "cat", "lowres", 0.0, 1.0], title="Attention Capture: the word 'cat'")
     g.link(ckpt, 0, cap, "model")
     g.link(ckpt, 1, cap, "clip")
-    g.link(cap, 0, ks, "model")
-    g.link(pos, 0, ks, "positive")
-    g.link(neg, 0, ks, "negative")
-    g.link(lat, 0, ks, "latent_image")
-    g.link(ks, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
+    lat = empty_latent(g, 512)
+    ks = ksampler(g, cap, (pos, 0), (neg, 0), lat, 42, 25, 7.0, "euler", "normal")
+    dec = decode(g, ks, ckpt)
+    save = save_image(g, dec, "photoops_attention_image")
+    am = g.node("PhotoOps_AttentionMask", inputs=[("capture", "PHOTOOPS_ATTENTION_CAPTURE"), ("samples", "LATENT"),
+                                                  ("image", "IMAGE")],
+                outputs=[("mask", "MASK"), ("heatmap", "IMAGE")], widgets=["quantile", 0.8, 0.5, "image"])
     g.link(cap, 1, am, "capture")
     g.link(ks, 0, am, "samples")
     g.link(dec, 0, am, "image")
-    g.link(am, 1, heat, "images")
+    heat = save_image(g, am, "photoops_attention_heatmap", "Heat map", slot=1)
+    m2i = g.node("MaskToImage", inputs=[("mask", "MASK")], outputs=[("IMAGE", "IMAGE")])
     g.link(am, 0, m2i, "mask")
-    g.link(m2i, 0, msave, "images")
-    return g.to_json("Attention Capture watches the word 'circle' while KSampler runs with the returned MODEL; "
-                     "Attention Mask turns the recording into a mask and a heat map.")
+    msave = save_image(g, m2i, "photoops_attention_mask", "Mask")
+    g.layout(note, [("1. Load and prompt", [[ckpt, lat], [pos, neg]]),
+                    ("2. Sample while watching the word", [[cap], [ks, dec]]),
+                    ("3. Mask and heat map", [[am, m2i], [save], [heat], [msave]])])
+    return g.to_json()
 
 
-PHOTO = "photoops_example.png"
-SOURCE = "a red circle on a blue background"
-TARGET = "a green circle on a blue background"
+# ---- inversion: reconstruct, DDPM edit, Eta edit ----------------------------------------------------------
+COFFEE_SOURCE = "a cup of espresso on a red saucer on a wooden table"
+COFFEE_TARGET = "a cup of espresso on a blue saucer on a wooden table"
+CAT_SOURCE = "a close-up photo of a cat"
+CAT_TARGET = "a close-up photo of a fox"
 
 
-def _photo_and_prompts(g: Graph, source: str, target: str | None):
-    """Checkpoint, Load Image -> VAE Encode, source / target / empty prompts."""
-    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-                  widgets=[CKPT], pos=(20, 40))
-    img = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=[PHOTO, "image"],
-                 pos=(20, 220), size=(300, 320), title="Your photo")
-    enc = g.node("VAEEncode", inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
-                 pos=(360, 420), size=(210, 46))
-    src = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=[source], pos=(360, 40), title="Source prompt (describes the photo)", size=(380, 120))
-    neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=[""], pos=(360, 200), title="Negative prompt", size=(380, 100))
-    g.link(ckpt, 1, src, "clip")
-    g.link(ckpt, 1, neg, "clip")
-    g.link(img, 0, enc, "pixels")
+def _photo_in(g: Graph, ckpt, photo: str, size: int = 512):
+    img = load_image(g, photo, "Your photo")
+    sc = scale_image(g, img, size)
+    enc = g.node("VAEEncode", inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")])
+    g.link(sc, 0, enc, "pixels")
     g.link(ckpt, 2, enc, "vae")
-    tgt = None
-    if target is not None:
-        tgt = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                     widgets=[target], pos=(360, 320), title="Target prompt (the edit)", size=(380, 90))
-        g.link(ckpt, 1, tgt, "clip")
-    return ckpt, img, enc, src, neg, tgt
+    return img, sc, enc
 
 
-def _invert_and_replay(g: Graph, ckpt, enc, src, neg, guide_pos, model_for_invert, method, skip, replay_cfg,
-                       steps=12, eta_schedule=None, region=None, prefix="photoops_inversion", guider=None):
-    sched = g.node("BasicScheduler", inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
-                   widgets=["normal", steps, 1.0], pos=(800, 620), size=(300, 110))
+def _invert(g: Graph, model_src, positive, negative, enc, sched, method, skip, source_cfg, eta=None, region=None):
     inv = g.node("PhotoOps_Invert",
                  inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                          ("latent", "LATENT"), ("sigmas", "SIGMAS"), ("eta_schedule", "PHOTOOPS_ETA_SCHEDULE"),
                          ("region", "PHOTOOPS_ATTENTION_CAPTURE")],
                  outputs=[("inversion", "PHOTOOPS_INVERSION"), ("start_latent", "LATENT")],
-                 widgets=[method, skip, 1.0, 0, "fixed", "threshold", 0.2, 10, False, 1], pos=(1140, 300), size=(320, 330))
-    smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION")],
-                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25], pos=(1500, 300), size=(260, 100))
-    own_guider = guider is None
-    if own_guider:
-        guider = g.node("CFGGuider", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
-                                             ("negative", "CONDITIONING")], outputs=[("GUIDER", "GUIDER")],
-                        widgets=[replay_cfg], pos=(1500, 100), size=(260, 100))
-    noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")], pos=(1500, 20), size=(210, 30))
-    sca = g.node("SamplerCustomAdvanced", inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
-                                                  ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
-                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], pos=(1800, 100), size=(270, 120))
-    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 pos=(2100, 100), size=(210, 46))
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=[prefix], pos=(2340, 100), size=(260, 280))
-    g.link(ckpt, 0, sched, "model")
-    g.link(model_for_invert[0], model_for_invert[1], inv, "model")
-    g.link(src, 0, inv, "positive")
-    g.link(neg, 0, inv, "negative")
+                 widgets=[method, skip, source_cfg, 0, "fixed", "threshold", 0.2, 10, False, 1])
+    g.link(model_src[0], model_src[1], inv, "model")
+    g.link(positive, 0, inv, "positive")
+    g.link(negative, 0, inv, "negative")
     g.link(enc, 0, inv, "latent")
     g.link(sched, 0, inv, "sigmas")
-    if eta_schedule is not None:
-        g.link(eta_schedule, 0, inv, "eta_schedule")
+    if eta is not None:
+        g.link(eta, 0, inv, "eta_schedule")
     if region is not None:
         g.link(region[0], region[1], inv, "region")
+    return inv
+
+
+def _replay(g: Graph, inv, guider, sched, ckpt, prefix):
+    smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION"), ("lock_mask", "MASK"),
+                                                      ("concept_masks", "PHOTOOPS_CONCEPT_MASKS")],
+                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25])
+    noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")])
+    sca = g.node("SamplerCustomAdvanced", inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                                                  ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")])
     g.link(inv, 0, smp, "inversion")
-    if own_guider:
-        g.link(ckpt, 0, guider, "model")
-        g.link(guide_pos, 0, guider, "positive")
-        g.link(neg, 0, guider, "negative")
     g.link(noise, 0, sca, "noise")
     g.link(guider, 0, sca, "guider")
     g.link(smp, 0, sca, "sampler")
     g.link(sched, 0, sca, "sigmas")
     g.link(inv, 1, sca, "latent_image")
-    g.link(sca, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
-    return inv, sca
+    dec = decode(g, sca, ckpt)
+    save = save_image(g, dec, prefix, "Result")
+    return smp, noise, sca, dec, save
+
+
+def _scheduler(g: Graph, ckpt, scheduler: str, steps: int):
+    n = g.node("BasicScheduler", inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
+               widgets=[scheduler, steps, 1.0])
+    g.link(ckpt, 0, n, "model")
+    return n
+
+
+def _cfg_guider(g: Graph, ckpt, positive, negative, cfg: float, title: str):
+    n = g.node("CFGGuider", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+               outputs=[("GUIDER", "GUIDER")], widgets=[cfg], title=title)
+    g.link(ckpt, 0, n, "model")
+    g.link(positive, 0, n, "positive")
+    g.link(negative, 0, n, "negative")
+    return n
 
 
 def inversion_reconstruct() -> dict:
     g = Graph()
-    ckpt, img, enc, src, neg, _ = _photo_and_prompts(g, SOURCE, None)
-    _invert_and_replay(g, ckpt, enc, src, neg, src, (ckpt, 0), "ddpm", 0, 1.0, prefix="photoops_reconstruction")
-    return g.to_json("Edit-friendly DDPM inversion replayed with the source prompt and CFG 1: the output equals the "
-                     "photo (up to VAE encode/decode). Use the same SIGMAS for Invert and SamplerCustomAdvanced.")
+    note = g.note(md("Invert a photo and get it back",
+                     "Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024) stores one noise map per step; "
+                     "the Inversion Sampler replays them in core SamplerCustomAdvanced. Replayed with the **same** "
+                     "prompt and CFG, the output equals the photo up to the VAE: the check that everything is wired "
+                     "right before you edit (see inversion_ddpm_edit).",
+                     [SD15], ["Use the **same SIGMAS** for Invert and SamplerCustomAdvanced.",
+                              "**source_cfg** on Invert must equal the CFGGuider's cfg for an exact replay.",
+                              "**steps** on BasicScheduler: 50 here (the paper uses 100 for edits)."], COFFEE))
+    ckpt = checkpoint(g, SD15)
+    img, sc, enc = _photo_in(g, ckpt, COFFEE)
+    src = text(g, ckpt, COFFEE_SOURCE, "Source prompt (describes the photo)")
+    neg = text(g, ckpt, "", "Negative prompt (empty)")
+    sched = _scheduler(g, ckpt, "ddim_uniform", 50)
+    inv = _invert(g, (ckpt, 0), src, neg, enc, sched, "ddpm", 0, 3.5)
+    guider = _cfg_guider(g, ckpt, src, neg, 3.5, "Same prompt, same CFG 3.5")
+    smp, noise, sca, dec, save = _replay(g, inv, guider, sched, ckpt, "photoops_reconstruction")
+    g.layout(note, [("1. Photo and prompts", [[ckpt, img], [sc, enc], [src, neg]]),
+                    ("2. Invert", [[sched, inv]]),
+                    ("3. Replay and decode", [[guider, smp, noise], [sca, dec], [save]])])
+    return g.to_json()
 
 
 def inversion_ddpm_edit() -> dict:
     g = Graph()
-    ckpt, img, enc, src, neg, tgt = _photo_and_prompts(g, SOURCE, TARGET)
-    _invert_and_replay(g, ckpt, enc, src, neg, tgt, (ckpt, 0), "ddpm", 3, 5.0, prefix="photoops_ddpm_edit")
-    return g.to_json("DDPM-inversion editing (Huberman-Spiegelglas et al.): invert with the source prompt, replay the "
-                     "noise maps with the target prompt. skip keeps structure; the target CFG sets the strength.")
+    note = g.note(md("Edit a photo by changing its caption (DDPM inversion)",
+                     "Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024): invert with the caption of "
+                     "the photo, replay the stored noise maps with a caption that says what should change (here "
+                     "the saucer turns from red to blue). Paper settings: 100 steps, skip 36, source CFG 3.5, "
+                     "target CFG 15.",
+                     [SD15], ["**skip** on Invert: more keeps more of the photo's structure (paper 36 of 100).",
+                              "**cfg** on the target CFGGuider: the strength of the edit (paper 15; 7-18).",
+                              "**Target prompt**: change only the words of the edit."], COFFEE))
+    ckpt = checkpoint(g, SD15)
+    img, sc, enc = _photo_in(g, ckpt, COFFEE)
+    src = text(g, ckpt, COFFEE_SOURCE, "Source prompt (describes the photo)")
+    tgt = text(g, ckpt, COFFEE_TARGET, "Target prompt (the edit)")
+    neg = text(g, ckpt, "", "Negative prompt (empty)")
+    sched = _scheduler(g, ckpt, "ddim_uniform", 100)
+    inv = _invert(g, (ckpt, 0), src, neg, enc, sched, "ddpm", 36, 3.5)
+    guider = _cfg_guider(g, ckpt, tgt, neg, 15.0, "Target prompt, CFG 15")
+    smp, noise, sca, dec, save = _replay(g, inv, guider, sched, ckpt, "photoops_ddpm_edit")
+    g.layout(note, [("1. Photo and prompts", [[ckpt, img], [sc, enc], [src, tgt, neg]]),
+                    ("2. Invert with the source prompt", [[sched, inv]]),
+                    ("3. Replay with the target prompt", [[guider, smp, noise], [sca, dec], [save]])])
+    return g.to_json()
 
 
 def inversion_eta_edit() -> dict:
     g = Graph()
-    ckpt, img, enc, src, neg, tgt = _photo_and_prompts(g, SOURCE, TARGET)
+    note = g.note(md("Eta Inversion: noise where the edit goes",
+                     "Eta Inversion (Kang et al. 2024): DDIM inversion, then a replay that adds fresh noise with a "
+                     "time-dependent eta (the paper's function A, drawn on Eta Schedule), only where the source word "
+                     "attends: the cat changes into a fox, the rest stays DDIM-exact. The inversion is also saved "
+                     "(output/photoops_inversions) to edit again later with Load Inversion. Paper settings: 50 "
+                     "steps, inversion CFG 1, editing CFG 7.5.",
+                     [SD15], ["**Eta Schedule**: the preset and eta (the curve shows eta over the steps).",
+                              "**word** on Attention Capture: the word of the source prompt that the edit changes.",
+                              "**cfg** on the target CFGGuider: the strength of the edit."], CAT,
+                     extra="Prompt-to-Prompt attention control, as the paper edits, is not in this graph yet."))
+    ckpt = checkpoint(g, SD15)
+    img, sc, enc = _photo_in(g, ckpt, CAT)
+    src = text(g, ckpt, CAT_SOURCE, "Source prompt (describes the photo)")
+    tgt = text(g, ckpt, CAT_TARGET, "Target prompt (the edit)")
+    neg = text(g, ckpt, "", "Negative prompt (empty)")
     cap = g.node("PhotoOps_AttentionCapture", inputs=[("model", "MODEL"), ("clip", "CLIP")],
                  outputs=[("MODEL", "MODEL"), ("capture", "PHOTOOPS_ATTENTION_CAPTURE")],
-                 widgets=[SOURCE, "red circle", "lowres", 0.0, 1.0], pos=(800, 40), size=(300, 220),
-                 title="Edit region: the source word")
-    eta = g.node("PhotoOps_EtaSchedule", inputs=[("mask", "MASK")], outputs=[("eta_schedule", "PHOTOOPS_ETA_SCHEDULE")],
-                 widgets=["paper_A", 0.4, "0:0, 0.6:0, 1:0.7", 1.0], pos=(800, 300), size=(300, 260))
+                 widgets=[CAT_SOURCE, "cat", "lowres", 0.0, 1.0], title="Edit region: the source word")
     g.link(ckpt, 0, cap, "model")
     g.link(ckpt, 1, cap, "clip")
-    inv, _ = _invert_and_replay(g, ckpt, enc, src, neg, tgt, (cap, 0), "eta", 0, 5.0, eta_schedule=eta,
-                             region=(cap, 1), prefix="photoops_eta_edit")
-    save = g.node("PhotoOps_SaveInversion", inputs=[("inversion", "PHOTOOPS_INVERSION")], widgets=["photoops_eta"],
-                  pos=(1500, 420), size=(260, 60))
-    g.link(inv, 0, save, "inversion")
-    return g.to_json("Eta Inversion (Kang et al.): DDIM inversion, then noise with a time-dependent eta (paper "
-                     "config A) limited to where the source word attends; eta is 0 (DDIM) elsewhere, keeping the "
-                     "background. The inversion is also saved for later edits.")
+    eta = g.node("PhotoOps_EtaSchedule", inputs=[("mask", "MASK")],
+                 outputs=[("eta_schedule", "PHOTOOPS_ETA_SCHEDULE")], widgets=["paper_A", 0.4, "0:0, 0.6:0, 1:0.7", 1.0])
+    sched = _scheduler(g, ckpt, "ddim_uniform", 50)
+    inv = _invert(g, (cap, 0), src, neg, enc, sched, "eta", 0, 1.0, eta=eta, region=(cap, 1))
+    sv = g.node("PhotoOps_SaveInversion", inputs=[("inversion", "PHOTOOPS_INVERSION")], widgets=["photoops_eta"])
+    g.link(inv, 0, sv, "inversion")
+    guider = _cfg_guider(g, ckpt, tgt, neg, 7.5, "Target prompt, CFG 7.5")
+    smp, noise, sca, dec, save = _replay(g, inv, guider, sched, ckpt, "photoops_eta_edit")
+    g.layout(note, [("1. Photo and prompts", [[ckpt, img], [sc, enc], [src, tgt, neg]]),
+                    ("2. Eta inversion of the word's region", [[cap, eta], [sched, inv, sv]]),
+                    ("3. Replay with the target prompt", [[guider, smp, noise], [sca, dec], [save]])])
+    return g.to_json()
 
 
-def _concept(g: Graph, ckpt, text, direction, scale, threshold, warmup, pos, previous=None):
+# ---- LEDITS / LEDITS++ ---------------------------------------------------------------------------------
+def _concept(g: Graph, ckpt, text_, direction, scale, threshold, warmup, previous=None):
     c = g.node("PhotoOps_EditConcept", inputs=[("clip", "CLIP"), ("previous", "PHOTOOPS_EDIT_CONCEPTS")],
                outputs=[("concepts", "PHOTOOPS_EDIT_CONCEPTS")],
-               widgets=[text, direction, scale, threshold, warmup, -1, 1.0], pos=pos, size=(300, 230))
+               widgets=[text_, direction, scale, threshold, warmup, -1, 1.0],
+               title=f"Edit Concept: {direction} '{text_}'")
     g.link(ckpt, 1, c, "clip")
     if previous is not None:
         g.link(previous, 0, c, "previous")
     return c
 
 
-def _semantic_edit(mode: str, title: str, note: str, prefix: str, method: str = "ddpm") -> dict:
+def _semantic_edit(mode: str, title: str, what: str, knobs: list, photo: str, caption: str, concepts: list,
+                   method: str, steps: int, skip: int, scheduler: str, prefix: str) -> dict:
     g = Graph()
-    ckpt, img, enc, src, neg, _ = _photo_and_prompts(g, SOURCE, None)
-    remove = _concept(g, ckpt, "red", "remove", 5.0, 0.9, 1, (800, 20))
-    add = _concept(g, ckpt, "green", "add", 7.0, 0.9, 1, (800, 270), previous=remove)
+    note = g.note(md(title, what, [SD15], knobs, photo))
+    ckpt = checkpoint(g, SD15)
+    img, sc, enc = _photo_in(g, ckpt, photo)
+    src = text(g, ckpt, caption, "Target prompt (used only with use_target on)")
+    neg = text(g, ckpt, "", "Empty prompt (inversion and unconditional)")
+    prev, cnodes = None, []
+    for args in concepts:
+        prev = _concept(g, ckpt, *args, previous=prev)
+        cnodes.append(prev)
     sg = g.node("PhotoOps_SemanticGuide", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
                                                   ("negative", "CONDITIONING"),
                                                   ("concepts", "PHOTOOPS_EDIT_CONCEPTS")],
                 outputs=[("GUIDER", "GUIDER"), ("masks", "PHOTOOPS_CONCEPT_MASKS")],
                 widgets=[mode, 7.5, False, 0.3, 0.6, "intersect", SEMANTIC_MASK_RULE, 0.5],
-                pos=(1140, 20), size=(300, 240), title=title)
+                title=f"Semantic Guide ({'LEDITS' if mode == 'sega' else 'LEDITS++'})")
     g.link(ckpt, 0, sg, "model")
     g.link(src, 0, sg, "positive")
     g.link(neg, 0, sg, "negative")
-    g.link(add, 0, sg, "concepts")
-    _, sca = _invert_and_replay(g, ckpt, enc, neg, neg, None, (ckpt, 0), method, 3, 1.0, prefix=prefix, guider=sg)
+    g.link(prev, 0, sg, "concepts")
+    sched = _scheduler(g, ckpt, scheduler, steps)
+    # inverted with the empty prompt at CFG 1, so the replay's unconditional branch (use_target off: pure
+    # concept editing) reproduces the photo wherever no concept acts
+    inv = _invert(g, (ckpt, 0), neg, neg, enc, sched, method, skip, 1.0)
+    smp, noise, sca, dec, save = _replay(g, inv, sg, sched, ckpt, prefix)
     cm = g.node("PhotoOps_ConceptMasks", inputs=[("masks", "PHOTOOPS_CONCEPT_MASKS"), ("samples", "LATENT")],
-                outputs=[("mask", "MASK"), ("heatmap", "IMAGE")], widgets=[1], pos=(2100, 420), size=(260, 100),
-                title="Where 'green' acted")
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=[prefix + "_concept_mask"], pos=(2340, 420),
-                  size=(260, 280))
+                outputs=[("mask", "MASK"), ("heatmap", "IMAGE")], widgets=[len(concepts) - 1],
+                title=f"Where '{concepts[-1][0]}' acted")
     g.link(sg, 1, cm, "masks")
     g.link(sca, 0, cm, "samples")
-    g.link(cm, 1, save, "images")
-    return g.to_json(note)
+    msave = save_image(g, cm, prefix + "_concept_mask", "Concept mask", slot=1)
+    g.layout(note, [("1. Photo and prompts", [[ckpt, img], [sc, enc], [src, neg]]),
+                    ("2. Invert", [[sched, inv]]),
+                    ("3. Edit concepts", [cnodes + [sg]]),
+                    ("4. Replay with the concepts and decode", [[smp, noise], [sca, dec, cm], [save, msave]])])
+    return g.to_json()
 
 
 def ledits_edit() -> dict:
-    return _semantic_edit("sega", "Semantic Guide (LEDITS)", "LEDITS (Tsaban & Passos): edit-friendly DDPM inversion "
-                          "with an empty source prompt, replayed with SEGA concepts: remove 'red', add 'green'. "
-                          "Target CFG is off (pure concept editing, the paper's workflow a).", "photoops_ledits")
+    return _semantic_edit(
+        "sega", "LEDITS: edit a photo with concepts",
+        "LEDITS (Tsaban & Passos 2023): edit-friendly DDPM inversion, replayed with SEGA semantic guidance: "
+        "each Edit Concept pushes the image towards (add) or away from (remove) a word, here the cat becomes a "
+        "dog. Pure concept editing (the paper's first workflow): the photo is inverted with the empty prompt and "
+        "replayed without a target prompt (turn on use_target and write one for the paper's target CFG 15). "
+        "Paper settings (Table 1): 100 steps, skip 36, concept scale 7, warm-up 1, threshold 0.95.",
+        ["**scale** per concept: its strength (paper 7; 5-15).",
+         "**threshold**: the share of the image a concept may touch (0.95 = its top 5 %).",
+         "**skip** on Invert: structure kept from the photo (paper 36 of 100)."],
+        CAT, CAT_SOURCE, [("cat", "remove", 7.0, 0.95, 1), ("dog", "add", 7.0, 0.95, 1)],
+        "ddpm", 100, 36, "ddim_uniform", "photoops_ledits")
 
 
 def ledits_pp_edit() -> dict:
-    return _semantic_edit("ledits++", "Semantic Guide (LEDITS++)", "LEDITS++ (Brack et al.): its own inversion "
-                          "(Invert method dpmpp_2m_sde: SDE DPM-Solver++ 2M, exact, only the steps after skip are "
-                          "inverted), concepts applied only inside implicit masks (cross-attention AND "
-                          "noise-estimate masks); no momentum, no target CFG.", "photoops_ledits_pp",
-                          method="dpmpp_2m_sde")
+    return _semantic_edit(
+        "ledits++", "LEDITS++: masked concept edits",
+        "LEDITS++ (Brack et al. 2024): its own exact inversion (Invert method dpmpp_2m_sde; only the steps after "
+        "skip are inverted), concepts applied only inside implicit masks (cross-attention AND noise-estimate "
+        "masks), so the rest of the photo stays: here the spoon goes and a cookie appears on the saucer. Paper "
+        "defaults: about 30 edited steps after a 15 % skip, concept scale 5-7, threshold 0.9.",
+        ["**scale** per concept: its strength.",
+         "**threshold** per concept: the noise-estimate mask keeps values above this quantile.",
+         ("**mask_rule** on Semantic Guide: `otsu` (default) does not depend on object size; `percentile` is "
+          "the paper's.")],
+        COFFEE, COFFEE_SOURCE, [("spoon", "remove", 5.0, 0.9, 0), ("cookie", "add", 7.0, 0.9, 0)],
+        "dpmpp_2m_sde", 35, 5, "normal", "photoops_ledits_pp")
 
 
+# ---- Concept Learn -------------------------------------------------------------------------------------
 def concept_learn() -> dict:
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-                  widgets=[CKPT], pos=(20, 40))
-    img = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=[PHOTO, "image"],
-                 pos=(20, 220), size=(300, 320), title="Your photos (1-N)")
+    note = g.note(md("Concept Learn: new words from a photo",
+                     "Concept Learn (Rahman et al.): one new token per concept plus its mask, learned by EM from "
+                     "the photo(s) without user masks, saved as standard embeddings (`embeddings/cl_cup`, "
+                     "`embeddings/cl_saucer`) that any later workflow or UI can use. The new prompt composes them as "
+                     "`embedding:cl_cup` and `embedding:cl_saucer`; route the prompts' CLIP through Concept Learn so "
+                     "they are encoded after training. 400 steps at 512 px: a minute or two on a recent GPU.",
+                     [SD15], ["**concept_names / init_words**: one name and one starting word per concept.",
+                              "**steps** (400) and **em_rounds** (4): mask refinements happen between rounds.",
+                              "Add more photos of the same concepts with an Image Batch node."], COFFEE))
+    ckpt = checkpoint(g, SD15)
+    img = load_image(g, COFFEE, "Your photos (1-N)")
     cl = g.node("PhotoOps_ConceptLearn",
                 inputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("images", "IMAGE"),
                         ("init_masks", "MASK")],
                 outputs=[("clip", "CLIP"), ("masks", "MASK"), ("mask_preview", "IMAGE"), ("prompt_hint", "STRING"),
                          ("loss", "LOSS_MAP")],
-                widgets=["cl_disc, cl_backdrop", "circle, background", 2, 0.01, 1, 0, "fixed", 64, 0.01, 1, True,
-                         False, 0, False, "", "none", "union"],
-                pos=(360, 40), size=(340, 520), title="Concept Learn (tiny steps for the demo; use 400 at 512 px)")
-    msave = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_concept_masks"], pos=(740, 420),
-                   size=(260, 280), title="Learned masks")
-    pos = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=["a photo of two embedding:cl_disc on embedding:cl_backdrop, small"], pos=(740, 40),
-                 title="New prompt composing both concepts", size=(400, 140))
-    neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=["blurry"], pos=(740, 230), title="Negative prompt", size=(400, 120))
-    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[64, 64, 1], pos=(1180, 400))
-    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
-                widgets=[42, "fixed", 4, 7.0, "euler", "normal", 1.0], pos=(1180, 40), size=(315, 262))
-    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 pos=(1530, 40), size=(210, 46))
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_concept_compose"], pos=(1770, 40),
-                  size=(260, 280))
+                widgets=["cl_cup, cl_saucer", "cup, saucer", 400, 5e-4, 4, 0, "fixed", 512, 0.01, 1, True,
+                         True, 100, False, "", "none", "union"],
+                title="Concept Learn")
     g.link(ckpt, 0, cl, "model")
     g.link(ckpt, 1, cl, "clip")
     g.link(ckpt, 2, cl, "vae")
     g.link(img, 0, cl, "images")
-    g.link(cl, 2, msave, "images")
-    g.link(cl, 0, pos, "clip")
-    g.link(cl, 0, neg, "clip")
-    g.link(ckpt, 0, ks, "model")
-    g.link(pos, 0, ks, "positive")
-    g.link(neg, 0, ks, "negative")
-    g.link(lat, 0, ks, "latent_image")
-    g.link(ks, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
-    return g.to_json("Concept Learn (Rahman et al.): one new token per concept plus its mask, learned by EM from the "
-                     "photo(s) without user masks, saved as embeddings/cl_disc.safetensors and "
-                     "cl_backdrop.safetensors. The new prompt composes them as embedding:cl_disc and "
-                     "embedding:cl_backdrop; the files also work in any later workflow and in other UIs. Route the "
-                     "prompts' CLIP through Concept Learn so they are encoded after training. Real use: 400 steps at "
-                     "512 px on a GPU.")
+    msave = save_image(g, cl, "photoops_concept_masks", "Learned masks", slot=2)
+    pos = text(g, cl, "a photo of a embedding:cl_cup on a embedding:cl_saucer on a beach", "New prompt with both "
+               "concepts", slot=0)
+    neg = text(g, cl, "blurry, low quality", "Negative prompt", slot=0)
+    lat = empty_latent(g, 512)
+    ks = ksampler(g, ckpt, (pos, 0), (neg, 0), lat, 42, 25, 7.0, "euler", "normal")
+    dec = decode(g, ks, ckpt)
+    save = save_image(g, dec, "photoops_concept_compose", "New image")
+    g.layout(note, [("1. Learn the concepts", [[ckpt, img], [cl], [msave]]),
+                    ("2. Use them in a new prompt", [[pos, neg, lat], [ks, dec], [save]])])
+    return g.to_json()
 
 
+# ---- pOps ----------------------------------------------------------------------------------------------
+POPS_KNOBS = ["**seed** on Operator Apply: another sample of the operator's result.",
+              "**guidance** on Operator Apply: -1 = the operator's own (texturing 8, scene 1).",
+              "**strength** on pOps Revision Conditioning: how strongly SDXL follows the embedding."]
+POPS_EXTRA = ("The operator .pth files come from Hugging Face `pOpsPaper/operators`; their CLIP statistics come "
+              "from the Kandinsky 2.2 prior file (or convert once with `tools/convert_pops.py` into a single "
+              ".safetensors and pick `(in the operator file)`).")
 
-# ---- pOps (issue 6) ----------------------------------------------------------------------
-POPS_CLIP_VISION = "photoops_tiny_clip_vision_g.safetensors"   # users: clip_vision_g.safetensors (ViT-bigG/14)
-POPS_OPERATOR = "photoops_tiny_texturing.safetensors"          # users: texturing/learned_prior.pth or converted
-POPS_OPERATOR2 = "photoops_tiny_scene.safetensors"             # users: scene/learned_prior.pth or converted
-POPS_UNET = "photoops_tiny_sdxl_unet.safetensors"              # users: the SDXL base UNet (or use a checkpoint)
-POPS_VAE = "photoops_tiny_vae.safetensors"                     # users: sdxl_vae.safetensors
 
-
-def _pops_encode(g: Graph, cvl, title: str, pos):
-    img = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=[PHOTO, "image"],
-                 pos=pos, size=(300, 320), title=title)
+def _pops_encode(g: Graph, cvl, photo: str, title: str):
+    img = load_image(g, photo, title)
     enc = g.node("CLIPVisionEncode", inputs=[("clip_vision", "CLIP_VISION"), ("image", "IMAGE")],
-                 outputs=[("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], widgets=["center"],
-                 pos=(pos[0] + 340, pos[1]), size=(250, 80))
+                 outputs=[("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], widgets=["center"])
     g.link(cvl, 0, enc, "clip_vision")
     g.link(img, 0, enc, "image")
-    return enc
+    return img, enc
 
 
-def _pops_apply(g: Graph, operator_widgets, a, b, seed, pos, title):
+def _pops_apply(g: Graph, operator: dict, a, b, seed, titles):
     opl = g.node("PhotoOps_PopsOperatorLoader", outputs=[("operator", "PHOTOOPS_POPS_OPERATOR")],
-                 widgets=list(operator_widgets), pos=(pos[0], pos[1] - 150), size=(330, 110), title=title[0])
+                 widgets=[operator["name"], KANDINSKY_PRIOR["name"], "auto"], title=titles[0],
+                 models=[operator, KANDINSKY_PRIOR])
     app = g.node("PhotoOps_OperatorApply",
                  inputs=[("operator", "PHOTOOPS_POPS_OPERATOR"), ("input_a", "CLIP_VISION_OUTPUT"),
                          ("input_b", "CLIP_VISION_OUTPUT")],
                  outputs=[("clip_vision_output", "CLIP_VISION_OUTPUT"), ("pos_embed", "EMBEDS"),
                           ("neg_embed", "EMBEDS")],
-                 widgets=[25, -1.0, seed, "fixed", False, False], pos=pos, size=(320, 250), title=title[1])
+                 widgets=[25, -1.0, seed, "fixed", False, False], title=titles[1])
     g.link(opl, 0, app, "operator")
-    g.link(a[0], a[1], app, "input_a")
-    g.link(b[0], b[1], app, "input_b")
-    return app
+    g.link(a, 0, app, "input_a")
+    g.link(b, 0, app, "input_b")
+    return opl, app
 
 
-def _pops_texturing(g: Graph, clip_vision=("CLIPVisionLoader", POPS_CLIP_VISION),
-                    operator=(POPS_OPERATOR, "(in the operator file)", "auto")):
-    """Two photos -> CLIP Vision Encode (ViT-bigG) -> texturing operator; returns (clip vision loader, apply)."""
-    cvl = g.node(clip_vision[0], outputs=[("CLIP_VISION", "CLIP_VISION")], widgets=[clip_vision[1]],
-                 pos=(20, 20), size=(320, 60), title="CLIP vision ViT-bigG/14")
-    enc_a = _pops_encode(g, cvl, "A: the object", (20, 130))
-    enc_b = _pops_encode(g, cvl, "B: the texture", (20, 480))
-    app = _pops_apply(g, operator, (enc_a, 0), (enc_b, 0), 42, (720, 300),
-                      ("Texturing operator", "Operator Apply: A textured with B"))
-    return cvl, app
+def _pops_inputs(g: Graph):
+    cvl = g.node("CLIPVisionLoader", outputs=[("CLIP_VISION", "CLIP_VISION")], widgets=[CLIP_VISION_G["name"]],
+                 title="CLIP vision ViT-bigG/14", models=[CLIP_VISION_G])
+    img_a, enc_a = _pops_encode(g, cvl, COFFEE, "A: the object")
+    img_b, enc_b = _pops_encode(g, cvl, BRICK, "B: the texture")
+    opl, app = _pops_apply(g, POPS_TEXTURING, enc_a, enc_b, 42,
+                           ("Texturing operator", "Operator Apply: A textured with B"))
+    return cvl, (img_a, enc_a), (img_b, enc_b), (opl, app)
 
 
-def _pops_render_revision(g: Graph, embed_src, prefix: str, x: int = 1100):
-    unet = g.node("UNETLoader", outputs=[("MODEL", "MODEL")], widgets=[POPS_UNET, "default"], pos=(x, 20),
-                  size=(320, 80), title="SDXL model")
+def _pops_render(g: Graph, embed_src, prefix: str):
+    ckpt = checkpoint(g, SDXL, "SDXL base")
     rev = g.node("PhotoOps_PopsRevisionConditioning",
                  inputs=[("model", "MODEL"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
-                 outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], widgets=[1.0, 0.0],
-                 pos=(x, 140), size=(320, 100))
-    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[64, 64, 1], pos=(x, 290),
-                 size=(300, 110))
-    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
-                widgets=[0, "fixed", 2, 4.0, "euler", "normal", 1.0], pos=(x + 360, 20), size=(315, 262))
-    vae = g.node("VAELoader", outputs=[("VAE", "VAE")], widgets=[POPS_VAE], pos=(x + 360, 320), size=(300, 60))
-    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 pos=(x + 720, 20), size=(210, 46))
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=[prefix], pos=(x + 960, 20), size=(260, 280))
-    g.link(unet, 0, rev, "model")
-    g.link(embed_src[0], embed_src[1], rev, "clip_vision_output")
-    g.link(unet, 0, ks, "model")
-    g.link(rev, 0, ks, "positive")
-    g.link(rev, 1, ks, "negative")
-    g.link(lat, 0, ks, "latent_image")
-    g.link(ks, 0, dec, "samples")
-    g.link(vae, 0, dec, "vae")
-    g.link(dec, 0, save, "images")
-
-
-POPS_NOTE = (" The file names are the tiny random CI fixtures: pick ViT-bigG/14 (clip_vision_g), an operator from "
-             "pOpsPaper/operators in models/pops (statistics: the Kandinsky 2.2 prior file, or convert once with "
-             "tools/convert_pops.py), the SDXL base UNet (or a checkpoint's MODEL) and VAE, 1024x1024, ~30 steps.")
+                 outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], widgets=[1.0, 0.0])
+    g.link(ckpt, 0, rev, "model")
+    g.link(embed_src, 0, rev, "clip_vision_output")
+    lat = empty_latent(g, 1024)
+    ks = ksampler(g, ckpt, (rev, 0), (rev, 1), lat, 0, 30, 5.0, "dpmpp_2m", "karras")
+    dec = decode(g, ks, ckpt)
+    save = save_image(g, dec, prefix, "Result")
+    return [ckpt, rev, lat], [ks, dec], [save]
 
 
 def pops_texturing_sdxl() -> dict:
     g = Graph()
-    _, app = _pops_texturing(g)
-    _pops_render_revision(g, (app, 0), "photoops_pops_texturing")
-    return g.to_json("pOps texturing (Richardson et al. 2024): the operator maps the CLIP image embeddings of an "
-                     "object (A) and a texture patch (B) to one embedding, rendered by SDXL through its image-"
-                     "embedding (revision) input with an empty text prompt." + POPS_NOTE)
+    note = g.note(md("pOps texturing: paint an object with a texture",
+                     "pOps (Richardson et al. 2024): an operator maps the CLIP image embeddings of an object (A) "
+                     "and a texture (B) to one embedding; SDXL renders it through its image-embedding (revision) "
+                     "input with an empty text prompt. 25 prior steps, 1024x1024.",
+                     [CLIP_VISION_G, POPS_TEXTURING, KANDINSKY_PRIOR, SDXL], POPS_KNOBS, COFFEE,
+                     extra=POPS_EXTRA + f" The texture is `{BRICK}` ({PHOTO_CREDIT[BRICK]})."))
+    cvl, (ia, ea), (ib, eb), (opl, app) = _pops_inputs(g)
+    c1, c2, c3 = _pops_render(g, app, "photoops_pops_texturing")
+    g.layout(note, [("1. Encode the two images", [[cvl, ia, ib], [ea, eb]]),
+                    ("2. Apply the operator", [[opl, app]]),
+                    ("3. Render with SDXL", [c1, c2, c3])])
+    return g.to_json()
 
 
 def pops_chain_sdxl() -> dict:
     g = Graph()
-    cvl, app = _pops_texturing(g)
-    enc_c = _pops_encode(g, cvl, "C: the scene", (20, 830))
-    app2 = _pops_apply(g, (POPS_OPERATOR2, "(in the operator file)", "auto"), (app, 0), (enc_c, 0), 18, (720, 830),
-                       ("Scene operator", "Operator Apply: (A textured with B) placed in C"))
-    _pops_render_revision(g, (app2, 0), "photoops_pops_chain")
-    return g.to_json("Chained pOps operators (a generative equation): texturing(A, B), then scene(result, C). "
-                     "Operator outputs are CLIP_VISION_OUTPUTs, so they feed the next operator directly." + POPS_NOTE)
+    note = g.note(md("pOps chain: texture, then place in a scene",
+                     "Chained pOps operators (a generative equation): texturing(A, B), then scene(result, C). "
+                     "Operator outputs are CLIP_VISION_OUTPUTs, so they feed the next operator directly.",
+                     [CLIP_VISION_G, POPS_TEXTURING, POPS_SCENE, KANDINSKY_PRIOR, SDXL], POPS_KNOBS, COFFEE,
+                     extra=POPS_EXTRA + f" Texture `{BRICK}` ({PHOTO_CREDIT[BRICK]}), scene `{ROCKET}` "
+                                        f"({PHOTO_CREDIT[ROCKET]})."))
+    cvl, (ia, ea), (ib, eb), (opl, app) = _pops_inputs(g)
+    ic, ec = _pops_encode(g, cvl, ROCKET, "C: the scene")
+    opl2, app2 = _pops_apply(g, POPS_SCENE, app, ec, 18,
+                             ("Scene operator", "Operator Apply: (A textured with B) placed in C"))
+    c1, c2, c3 = _pops_render(g, app2, "photoops_pops_chain")
+    g.layout(note, [("1. Encode the three images", [[cvl, ia, ib, ic], [ea, eb, ec]]),
+                    ("2. Apply the operators", [[opl, app], [opl2, app2]]),
+                    ("3. Render with SDXL", [c1, c2, c3])])
+    return g.to_json()
 
 
-IPADAPTER_PACK_NOTE = ("Needs the third-party node pack ComfyUI_IPAdapter_plus (cubiq, "
-                       "https://github.com/cubiq/ComfyUI_IPAdapter_plus) installed in custom_nodes/: it provides "
-                       "IPAdapter Model Loader and IPAdapter Embeds. Without it these two nodes show as missing.")
-POPS_IPADAPTER = "photoops_tiny_ip-adapter_sdxl.safetensors"  # users: ip-adapter_sdxl.safetensors (ViT-bigG)
+IPADAPTER_PACK_NOTE = ("Needs the third-party node pack **ComfyUI_IPAdapter_plus** (cubiq, "
+                       "https://github.com/cubiq/ComfyUI_IPAdapter_plus) in `custom_nodes/`: it provides IPAdapter "
+                       "Model Loader and IPAdapter Embeds. Without it these two nodes show as missing. Use the "
+                       "ViT-bigG adapter `ip-adapter_sdxl`; the `_vit-h` and plus adapters do not fit 1280-d "
+                       "embeddings.")
 IPADAPTER_EMBEDS_WIDGETS = [1.0, "linear", 0.0, 1.0, "V only"]  # weight, weight_type, start_at, end_at, embeds_scaling
 
 
-def _pops_ipadapter(g: Graph, app, model_src, x: int = 1100):
-    """IPAdapter_plus: IPAdapterModelLoader + IPAdapterEmbeds(model, ipadapter, pos_embed, neg_embed) -> MODEL."""
-    ipl = g.node("IPAdapterModelLoader", outputs=[("IPADAPTER", "IPADAPTER")], widgets=[model_src[2]],
-                 pos=(x, 200), size=(320, 60))
+def pops_ipadapter_sdxl() -> dict:
+    g = Graph()
+    note = g.note(md("pOps texturing rendered with IP-Adapter (as in the paper)",
+                     "Operator Apply's pos_embed / neg_embed are IPAdapter_plus EMBEDS (the result and zeros) for "
+                     "IPAdapter Embeds; SDXL renders with an empty prompt and the paper's negative prompt, 50 steps, "
+                     "adapter weight 1.",
+                     [CLIP_VISION_G, POPS_TEXTURING, KANDINSKY_PRIOR, SDXL, IPADAPTER_SDXL],
+                     ["**weight** on IPAdapter Embeds: how strongly the embedding drives SDXL.",
+                      "**seed** on Operator Apply: another sample of the operator's result."], COFFEE,
+                     extra=IPADAPTER_PACK_NOTE + " " + POPS_EXTRA))
+    cvl, (ia, ea), (ib, eb), (opl, app) = _pops_inputs(g)
+    ckpt = checkpoint(g, SDXL, "SDXL base")
+    ipl = g.node("IPAdapterModelLoader", outputs=[("IPADAPTER", "IPADAPTER")], widgets=[IPADAPTER_SDXL["name"]],
+                 models=[IPADAPTER_SDXL])
     ipe = g.node("IPAdapterEmbeds", inputs=[("model", "MODEL"), ("ipadapter", "IPADAPTER"), ("pos_embed", "EMBEDS"),
                                             ("neg_embed", "EMBEDS"), ("attn_mask", "MASK"),
                                             ("clip_vision", "CLIP_VISION")],
-                 outputs=[("MODEL", "MODEL")], widgets=list(IPADAPTER_EMBEDS_WIDGETS), pos=(x + 360, 20),
-                 size=(320, 240))
-    g.link(model_src[0], model_src[1], ipe, "model")
+                 outputs=[("MODEL", "MODEL")], widgets=list(IPADAPTER_EMBEDS_WIDGETS))
+    g.link(ckpt, 0, ipe, "model")
     g.link(ipl, 0, ipe, "ipadapter")
     g.link(app, 1, ipe, "pos_embed")
     g.link(app, 2, ipe, "neg_embed")
-    return ipe
+    pos = text(g, ckpt, "", "Prompt (empty, as in the paper)")
+    neg = text(g, ckpt, "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality",
+               "Negative prompt (paper)")
+    lat = empty_latent(g, 1024)
+    ks = ksampler(g, ipe, (pos, 0), (neg, 0), lat, 0, 50, 5.0, "dpmpp_2m", "karras")
+    dec = decode(g, ks, ckpt)
+    save = save_image(g, dec, "photoops_pops_ipadapter", "Result")
+    g.layout(note, [("1. Encode the two images", [[cvl, ia, ib], [ea, eb]]),
+                    ("2. Apply the operator", [[opl, app]]),
+                    ("3. Render with SDXL + IP-Adapter", [[ckpt, ipl, ipe], [pos, neg, lat], [ks, dec], [save]])])
+    return g.to_json()
 
 
-def pops_ipadapter_sdxl() -> dict:
-    """CI-sized (tiny fixtures; run over HTTP by tests/test_comfy_ipadapter.py when the pack is installed)."""
-    g = Graph()
-    _, app = _pops_texturing(g)
-    unet = g.node("UNETLoader", outputs=[("MODEL", "MODEL")], widgets=[POPS_UNET, "default"], pos=(1100, 20),
-                  size=(320, 80), title="SDXL model")
-    ipe = _pops_ipadapter(g, app, (unet, 0, POPS_IPADAPTER))
-    rev = g.node("PhotoOps_PopsRevisionConditioning",
-                 inputs=[("model", "MODEL"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
-                 outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], widgets=[0.0, 0.0],
-                 pos=(1460, 300), size=(320, 100), title="No text (zero context; strength 0: no revision input)")
-    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[64, 64, 1], pos=(1460, 450),
-                 size=(300, 110))
-    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
-                widgets=[0, "fixed", 2, 5.0, "euler", "normal", 1.0], pos=(1820, 20), size=(315, 262))
-    vae = g.node("VAELoader", outputs=[("VAE", "VAE")], widgets=[POPS_VAE], pos=(1820, 320), size=(300, 60))
-    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 pos=(2170, 20), size=(210, 46))
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_pops_ipadapter"], pos=(2410, 20),
-                  size=(260, 280))
-    g.link(unet, 0, rev, "model")
-    g.link(app, 0, rev, "clip_vision_output")
-    g.link(ipe, 0, ks, "model")
-    g.link(rev, 0, ks, "positive")
-    g.link(rev, 1, ks, "negative")
-    g.link(lat, 0, ks, "latent_image")
-    g.link(ks, 0, dec, "samples")
-    g.link(vae, 0, dec, "vae")
-    g.link(dec, 0, save, "images")
-    g.note(IPADAPTER_PACK_NOTE)
-    return g.to_json("pOps texturing rendered with SDXL + IP-Adapter (as in the paper): Operator Apply's pos_embed/"
-                     "neg_embed are IPAdapter_plus EMBEDS (image_embeds and zeros, the non-plus IPAdapterEncoder "
-                     "format) for IPAdapterEmbeds. Needs cubiq/ComfyUI_IPAdapter_plus. CI-sized: tiny random "
-                     "fixtures, no text encoder (the revision node at strength 0 only supplies zero text "
-                     "conditioning, so the image comes from the IP-Adapter alone), 64x64, 2 steps. For real use "
-                     "see pops_ipadapter_sdxl_paper.json (sd_xl_base checkpoint, empty prompt, the paper's negative "
-                     "prompt, ip-adapter_sdxl.safetensors, the ViT-bigG variant; _vit-h and plus adapters do not "
-                     "fit 1280-d bigG embeddings)." + POPS_NOTE)
-
-
-def pops_ipadapter_sdxl_paper() -> dict:
-    """The paper's settings with real files (never run here: SDXL base and its text encoders are not in CI)."""
-    g = Graph()
-    _, app = _pops_texturing(g, clip_vision=("CLIPVisionLoader", "clip_vision_g.safetensors"),
-                             operator=("texturing/learned_prior.pth", "kandinsky-2-2-prior.safetensors", "auto"))
-    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-                  widgets=["sd_xl_base_1.0.safetensors"], pos=(1100, 20))
-    ipe = _pops_ipadapter(g, app, (ckpt, 0, "ip-adapter_sdxl.safetensors"))
-    pos = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=[""], pos=(1460, 300), title="Prompt (empty, as in the paper)", size=(380, 100))
-    neg = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                 widgets=["deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"],
-                 pos=(1460, 440), title="Negative prompt (paper)", size=(380, 120))
-    lat = g.node("EmptyLatentImage", outputs=[("LATENT", "LATENT")], widgets=[1024, 1024, 1], pos=(1460, 600))
-    ks = g.node("KSampler", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                                    ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
-                widgets=[0, "fixed", 50, 5.0, "dpmpp_2m", "karras", 1.0], pos=(1880, 20), size=(315, 262))
-    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 pos=(2230, 20), size=(210, 46))
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_pops_ipadapter"], pos=(2470, 20),
-                  size=(260, 280))
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
-    g.link(ipe, 0, ks, "model")
-    g.link(pos, 0, ks, "positive")
-    g.link(neg, 0, ks, "negative")
-    g.link(lat, 0, ks, "latent_image")
-    g.link(ks, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
-    g.note(IPADAPTER_PACK_NOTE)
-    return g.to_json("pOps texturing rendered with SDXL + IP-Adapter at the paper's settings (ip-adapter_sdxl, the "
-                     "ViT-bigG variant; empty prompt, the paper's negative prompt, 50 steps, weight 1): Operator "
-                     "Apply's pos_embed/neg_embed are IPAdapter_plus EMBEDS. Needs cubiq/ComfyUI_IPAdapter_plus; "
-                     "its _vit-h and plus adapters do not fit 1280-d bigG embeddings. Its node signatures are "
-                     "checked in CI (tests/test_comfy_ipadapter.py); it is not run there (no SDXL files).")
-
-
-WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
-             "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit,
-             "ledits_edit.json": ledits_edit, "ledits_pp_edit.json": ledits_pp_edit,
-             "concept_learn.json": concept_learn}
-
-
-# pOps (issue 6).  All files sit directly in workflows/: ComfyUI's template browser lists only
-# workflows/*.json.  The IP-Adapter pair needs ComfyUI_IPAdapter_plus; the tests route them by the
-# rule in tests/comfy_harness/third_party.py (core-only server: skipped; tests/test_comfy_ipadapter.py).
-WORKFLOWS.update({"pops_texturing_sdxl.json": pops_texturing_sdxl, "pops_chain_sdxl.json": pops_chain_sdxl,
-                  "pops_ipadapter_sdxl.json": pops_ipadapter_sdxl,
-                  "pops_ipadapter_sdxl_paper.json": pops_ipadapter_sdxl_paper})
-
-
-# ---- InstructBrush (issue 8) ---------------------------------------------------------------
-IP2P_CKPT = "photoops_tiny_sd15_ip2p.safetensors"      # users: an InstructPix2Pix checkpoint (instruct-pix2pix)
-
-
+# ---- InstructBrush -------------------------------------------------------------------------------------
 def instructbrush_learn_apply() -> dict:
-    """Two before/after pairs -> Instruction Learn -> Instruction Apply -> edit a new photo with core
-    InstructPixToPixConditioning + DualCFGGuider + SamplerCustomAdvanced.  The PNGs come from
-    ``tools.toyworld.ip2p.write_example_photos('workflows')``."""
+    """Three before/after pairs (tools/make_photos.py: a vintage sepia look) -> Instruction Learn ->
+    Instruction Apply -> edit a new photo with core InstructPixToPixConditioning + DualCFGGuider +
+    SamplerCustomAdvanced."""
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-                  widgets=[IP2P_CKPT], pos=(20, 40), title="InstructPix2Pix checkpoint")
-    imgs = {}
-    for i, name in enumerate(("before_1", "after_1", "before_2", "after_2")):
-        imgs[name] = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                            widgets=[f"instructbrush_{name}.png", "image"], pos=(20 + 230 * (i % 2), 220 + 300 * (i // 2)),
-                            size=(220, 290), title=name.replace("_", " "))
-    bb = g.node("ImageBatch", inputs=[("image1", "IMAGE"), ("image2", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
-                pos=(480, 220), size=(200, 50), title="before images")
-    ab = g.node("ImageBatch", inputs=[("image1", "IMAGE"), ("image2", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
-                pos=(480, 320), size=(200, 50), title="after images")
+    note = g.note(md("InstructBrush: learn an edit from examples",
+                     "InstructBrush (Zhao et al.): learn an editing instruction from before/after pairs (here "
+                     "three photos and the same photos in a vintage sepia look), saved to "
+                     "`output/photoops_instructions`, then apply it to a new photo with InstructPix2Pix. The rest is "
+                     "the standard IP2P graph: InstructPixToPixConditioning, DualCFGGuider (text 7.5, image 1.5) with "
+                     "the plain empty prompt as negative, SamplerCustomAdvanced. Reuse a saved instruction with Load "
+                     "Instruction in place of Instruction Learn. 1000 steps: about 10 minutes on a recent GPU.",
+                     [IP2P], ["**steps** on Instruction Learn (1000) and the number of pairs (3-10).",
+                              "**strength** on Instruction Apply: scales the learned instruction.",
+                              "**cfg_conds / cfg_cond2_negative** on DualCFGGuider: text and image guidance."],
+                     ASTRONAUT, extra="Pairs: the cat, the coffee and the rocket photos, centre-cropped to 512 px, "
+                                      "and the same through a deterministic sepia filter (tools/make_photos.py)."))
+    ckpt = checkpoint(g, IP2P, "InstructPix2Pix checkpoint")
+    before = [load_image(g, f"instructbrush_before_{i}.jpg", f"before {i}") for i in (1, 2, 3)]
+    after = [load_image(g, f"instructbrush_after_{i}.jpg", f"after {i}") for i in (1, 2, 3)]
+
+    def batch(imgs, title):
+        b1 = g.node("ImageBatch", inputs=[("image1", "IMAGE"), ("image2", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
+                    title=title + " 1+2")
+        g.link(imgs[0], 0, b1, "image1")
+        g.link(imgs[1], 0, b1, "image2")
+        b2 = g.node("ImageBatch", inputs=[("image1", "IMAGE"), ("image2", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
+                    title=title + " 1+2+3")
+        g.link(b1, 0, b2, "image1")
+        g.link(imgs[2], 0, b2, "image2")
+        return b1, b2, scale_image(g, b2, 512, f"{title} at 512x512")
+
+    bb1, bb2, bsc = batch(before, "before")
+    ab1, ab2, asc = batch(after, "after")
     learn = g.node("PhotoOps_InstructionLearn",
                    inputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("before", "IMAGE"),
                            ("after", "IMAGE")],
                    outputs=[("instruction", "PHOTOOPS_INSTRUCTION"), ("prompt", "STRING")],
-                   widgets=["make it blue", "instructbrush_demo", 4, 0.001, 0, "fixed", 5, 1, False, 100, True],
-                   pos=(720, 40), size=(360, 420), title="Instruction Learn (4 steps for the demo; use 1000)")
-    apply_ = g.node("PhotoOps_InstructionApply",
-                    inputs=[("model", "MODEL"), ("clip", "CLIP"), ("instruction", "PHOTOOPS_INSTRUCTION")],
-                    outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("prompt", "STRING")],
-                    widgets=[1.0], pos=(1120, 40), size=(300, 130))
-    photo = g.node("LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                   widgets=["instructbrush_photo.png", "image"], pos=(1120, 220), size=(260, 300), title="New photo")
-    empty = g.node("CLIPTextEncode", inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")],
-                   widgets=[""], pos=(1120, 560), title="Empty prompt", size=(300, 100))
-    ip2p = g.node("InstructPixToPixConditioning",
-                  inputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
-                          ("pixels", "IMAGE")],
-                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
-                  pos=(1460, 40), size=(280, 110))
-    guider = g.node("DualCFGGuider",
-                    inputs=[("model", "MODEL"), ("cond1", "CONDITIONING"), ("cond2", "CONDITIONING"),
-                            ("negative", "CONDITIONING")],
-                    outputs=[("GUIDER", "GUIDER")], widgets=[7.5, 1.5, "regular"], pos=(1460, 200),
-                    size=(300, 170), title="DualCFGGuider (text 7.5, image 1.5: IP2P guidance)")
-    noise = g.node("RandomNoise", outputs=[("NOISE", "NOISE")], widgets=[0, "fixed"], pos=(1460, 410))
-    sampler = g.node("KSamplerSelect", outputs=[("SAMPLER", "SAMPLER")], widgets=["euler_ancestral"],
-                     pos=(1460, 520))
-    sched = g.node("BasicScheduler", inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")],
-                   widgets=["normal", 4, 1.0], pos=(1460, 620), title="BasicScheduler (4 steps for the demo; use 50)")
-    sca = g.node("SamplerCustomAdvanced",
-                 inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
-                         ("latent_image", "LATENT")],
-                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], pos=(1800, 40), size=(270, 110))
-    dec = g.node("VAEDecode", inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 pos=(1800, 200), size=(210, 46))
-    save = g.node("SaveImage", inputs=[("images", "IMAGE")], widgets=["photoops_instructbrush"], pos=(1800, 300),
-                  size=(260, 280))
-    g.link(imgs["before_1"], 0, bb, "image1")
-    g.link(imgs["before_2"], 0, bb, "image2")
-    g.link(imgs["after_1"], 0, ab, "image1")
-    g.link(imgs["after_2"], 0, ab, "image2")
+                   widgets=["make it look like an old sepia photo", "vintage_sepia", 1000, 0.001, 0, "fixed", 5, 1,
+                            False, 100, True],
+                   title="Instruction Learn")
     g.link(ckpt, 0, learn, "model")
     g.link(ckpt, 1, learn, "clip")
     g.link(ckpt, 2, learn, "vae")
-    g.link(bb, 0, learn, "before")
-    g.link(ab, 0, learn, "after")
+    g.link(bsc, 0, learn, "before")
+    g.link(asc, 0, learn, "after")
+    apply_ = g.node("PhotoOps_InstructionApply",
+                    inputs=[("model", "MODEL"), ("clip", "CLIP"), ("instruction", "PHOTOOPS_INSTRUCTION")],
+                    outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("prompt", "STRING")],
+                    widgets=[1.0])
     g.link(ckpt, 0, apply_, "model")
     g.link(ckpt, 1, apply_, "clip")
     g.link(learn, 0, apply_, "instruction")
-    g.link(ckpt, 1, empty, "clip")
+    photo = load_image(g, ASTRONAUT, "New photo")
+    psc = scale_image(g, photo, 512)
+    empty = text(g, ckpt, "", "Empty prompt")
+    ip2p = g.node("InstructPixToPixConditioning",
+                  inputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                          ("pixels", "IMAGE")],
+                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")])
     g.link(apply_, 1, ip2p, "positive")
     g.link(empty, 0, ip2p, "negative")
     g.link(ckpt, 2, ip2p, "vae")
-    g.link(photo, 0, ip2p, "pixels")
+    g.link(psc, 0, ip2p, "pixels")
+    guider = g.node("DualCFGGuider",
+                    inputs=[("model", "MODEL"), ("cond1", "CONDITIONING"), ("cond2", "CONDITIONING"),
+                            ("negative", "CONDITIONING")],
+                    outputs=[("GUIDER", "GUIDER")], widgets=[7.5, 1.5, "regular"],
+                    title="DualCFGGuider (text 7.5, image 1.5)")
     g.link(apply_, 0, guider, "model")
     g.link(ip2p, 0, guider, "cond1")
     g.link(ip2p, 1, guider, "cond2")
     g.link(empty, 0, guider, "negative")
-    g.link(apply_, 0, sched, "model")
+    noise = g.node("RandomNoise", outputs=[("NOISE", "NOISE")], widgets=[0, "fixed"])
+    sampler = g.node("KSamplerSelect", outputs=[("SAMPLER", "SAMPLER")], widgets=["euler_ancestral"])
+    sched = _scheduler(g, apply_, "normal", 50)
+    sca = g.node("SamplerCustomAdvanced",
+                 inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                         ("latent_image", "LATENT")],
+                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")])
     g.link(noise, 0, sca, "noise")
     g.link(guider, 0, sca, "guider")
     g.link(sampler, 0, sca, "sampler")
     g.link(sched, 0, sca, "sigmas")
     g.link(ip2p, 2, sca, "latent_image")
-    g.link(sca, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
-    return g.to_json("InstructBrush (Zhao et al.): learn an editing instruction from before/after pairs (here two "
-                     "pairs: object -> blue AND background -> black), saved to output/photoops_instructions, then "
-                     "apply it to a new photo. Instruction Apply returns the patched model and the encoded initial "
-                     "instruction; the rest is the standard InstructPix2Pix graph (InstructPixToPixConditioning, "
-                     "DualCFGGuider with the plain empty prompt as 'negative' = no image, SamplerCustomAdvanced). "
-                     "A saved instruction is reused with Load Instruction in place of Instruction Learn. Real use: "
-                     "an instruct-pix2pix checkpoint, 5-10 pairs, 1000 steps, 50 sampling steps.")
+    dec = decode(g, sca, ckpt)
+    save = save_image(g, dec, "photoops_instructbrush", "Result")
+    g.layout(note, [("1. Example pairs", [[ckpt] + before, after, [bb1, bb2, bsc, ab1, ab2, asc]]),
+                    ("2. Learn the instruction", [[learn, apply_]]),
+                    ("3. Apply it to a new photo", [[photo, psc, empty], [ip2p, guider, noise, sampler, sched],
+                                                    [sca, dec], [save]])])
+    return g.to_json()
 
 
-WORKFLOWS.update({"instructbrush_learn_apply.json": instructbrush_learn_apply})
+WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
+             "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit,
+             "ledits_edit.json": ledits_edit, "ledits_pp_edit.json": ledits_pp_edit,
+             "concept_learn.json": concept_learn,
+             # all files sit directly in workflows/: ComfyUI's template browser lists only workflows/*.json.
+             # pops_ipadapter_sdxl needs ComfyUI_IPAdapter_plus; the tests route it by the rule in
+             # tests/comfy_harness/third_party.py (tests/test_comfy_ipadapter.py runs it).
+             "pops_texturing_sdxl.json": pops_texturing_sdxl, "pops_chain_sdxl.json": pops_chain_sdxl,
+             "pops_ipadapter_sdxl.json": pops_ipadapter_sdxl,
+             "instructbrush_learn_apply.json": instructbrush_learn_apply}
 
 
 def main():
     out = ROOT / "workflows"
     out.mkdir(exist_ok=True)
+    stale = {p.name for p in out.glob("*.json")} - set(WORKFLOWS)
+    for name in sorted(stale):
+        (out / name).unlink()
+        print("removed", out / name)
     for name, build in WORKFLOWS.items():
         (out / name).write_text(json.dumps(build(), indent=1) + "\n")
         print("wrote", out / name)

@@ -182,7 +182,7 @@ class ComfyServer:
         for sub in ("user", "input", "output", "temp", "custom_nodes"):
             (self.root / sub).mkdir()
         # example photos the shipped workflows load with LoadImage
-        for img in sorted((REPO_ROOT / "workflows").glob("*.png")):
+        for img in sorted(p for ext in ("*.png", "*.jpg") for p in (REPO_ROOT / "workflows").glob(ext)):
             shutil.copy(img, self.root / "input" / img.name)
         models = self.root / "models"
         for sub in ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models", "upscale_models"):
