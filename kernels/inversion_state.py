@@ -30,7 +30,7 @@ from .files import ChecksumError, read_safetensors, save_safetensors_atomic
 __all__ = ["Inversion", "InversionFileError", "InversionMismatchError", "save_inversion", "load_inversion",
            "METHODS", "FORMAT_VERSION"]
 
-METHODS = ("ddim", "ddpm", "eta", "dpmpp_2m_sde")
+METHODS = ("ddim", "ddpm", "eta", "dpmpp_2m_sde", "flow_ode", "flow_noise_maps", "rf_inversion")  # flow: issue 19
 FORMAT_VERSION = 1
 _META_KEY = "photoops_inversion"
 
@@ -82,7 +82,7 @@ class Inversion:
             raise ValueError(f"skip must be in [0, {self.steps - 1}], got {self.skip}")
         if self.x_start.ndim != 4:
             raise ValueError(f"x_start must be [B, C, H, W], got {tuple(self.x_start.shape)}")
-        if self.method in ("ddpm", "eta", "dpmpp_2m_sde"):
+        if self.method in ("ddpm", "eta", "dpmpp_2m_sde", "flow_noise_maps"):
             if self.noises is None:
                 raise ValueError(f"a {self.method} inversion needs its per-step noise maps")
             if tuple(self.noises.shape) != (self.steps, *self.x_start.shape):

@@ -24,6 +24,7 @@ from ..kernels import inversion as kinv
 from ..kernels import maps as kmaps
 from ..kernels.inversion_state import Inversion, load_inversion, save_inversion
 from .comfy.files import folder_file_path, folder_files, next_save_path, register_folder
+from .comfy.flow import FLOW_METHODS, check_method_fits, flow_fingerprint, invert_flow, is_flow, replay_flow
 from .comfy.models import check_latent, ensure_supported, fingerprint, patcher_of, vp_schedule
 from .comfy.sampling import interrupt_check, ksampler, progress_bar, run_with_guider
 from .attention_mask import CAPTURE, VAE_FACTOR
@@ -115,10 +116,12 @@ class InvertNode(io.ComfyNode):
             node_id="PhotoOps_Invert",
             display_name="Invert",
             category="PhotoOps/inversion",
-            description="Inverts a photo's latent along your SIGMAS (DDIM, edit-friendly DDPM or Eta Inversion). "
+            description="Inverts a photo's latent along your SIGMAS (DDIM, edit-friendly DDPM or Eta Inversion; on "
+                        "SD3 / Flux: flow noise maps, flow ODE or RF-Inversion). "
                         "Replay the INVERSION with Inversion Sampler in SamplerCustomAdvanced and any guider.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL model (cloned, never changed)."),
+                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL model, or SD3 / SD3.5 / Flux for the flow_* and "
+                                                "rf_inversion methods (cloned, never changed)."),
                 io.Conditioning.Input("positive", tooltip="Source prompt describing the photo (may be empty)."),
                 io.Conditioning.Input("negative", tooltip="Negative / unconditional prompt, used when source_cfg != 1."),
                 io.Latent.Input("latent", tooltip="The photo encoded with VAE Encode."),
@@ -126,11 +129,13 @@ class InvertNode(io.ComfyNode):
                                                   "SIGMAS. A final 0 is replaced by the model's smallest sigma (or dropped "
                                                   "if the schedule already reaches it) so the "
                                                   "last step can be inverted exactly."),
-                io.Combo.Input("method", options=["ddpm", "eta", "ddim", "dpmpp_2m_sde"], default="ddpm",
+                io.Combo.Input("method", options=["ddpm", "eta", "ddim", "dpmpp_2m_sde", *FLOW_METHODS], default="ddpm",
                                tooltip="ddpm: edit-friendly DDPM inversion (exact, stores noise maps; LEDITS). eta: "
                                        "Eta Inversion (time/region-dependent eta). ddim: deterministic DDIM inversion. "
                                        "dpmpp_2m_sde: the LEDITS++ inversion (SDE DPM-Solver++ 2M, exact, fewer "
-                                       "steps; only the steps after skip are inverted)."),
+                                       "steps; only the steps after skip are inverted). SD3 / Flux: flow_noise_maps "
+                                       "(edit-friendly noise maps for the RF euler_ancestral step, exact), flow_ode "
+                                       "(Euler ODE inversion), rf_inversion (RF-Inversion's controlled ODE)."),
                 io.Int.Input("skip", default=0, min=0, max=1000,
                              tooltip="Steps to skip at the start of replay (DDPM paper: 36 of 100). More skip keeps "
                                      "more of the photo's structure."),
@@ -138,7 +143,8 @@ class InvertNode(io.ComfyNode):
                                tooltip="CFG of the source prompt during inversion (1 = positive only). Replaying with "
                                        "the same prompt and CFG reconstructs the photo."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the noise ladder (ddpm) or of the candidate noises (eta)."),
+                             tooltip="Seed of the noise ladder (ddpm, flow_noise_maps), of the candidate noises (eta) "
+                                     "or of RF-Inversion's target noise."),
                 ETA_SCHEDULE.Input("eta_schedule", optional=True,
                                    tooltip="From Eta Schedule. eta method: its eta(t) (default: linear 0 -> 0.4). "
                                            "ddpm method: per-step eta (default 1)."),
@@ -159,6 +165,12 @@ class InvertNode(io.ComfyNode):
                              tooltip="ddpm method, advanced: predict this many steps' noisy rungs in one model call "
                                      "(faster, more memory). 1 = bit-exact replay; >1 = exact up to rounding "
                                      "(measured 1e-6..2e-4 relative on CPU)."),
+                io.Float.Input("gamma", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="rf_inversion: controller strength toward the seeded noise (paper: 0.5); "
+                                       "0 = plain flow_ode inversion."),
+                io.Int.Input("fixed_point", default=0, min=0, max=20, optional=True,
+                             tooltip="flow_ode: fixed-point iterations per step (exact-Euler inversion; each costs one "
+                                     "model call per step); 0 = explicit Euler."),
             ],
             outputs=[
                 INVERSION.Output(display_name="inversion", tooltip="Replay with Inversion Sampler; save with Save "
@@ -171,7 +183,14 @@ class InvertNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, sigmas, method, skip, source_cfg, seed,
                 eta_schedule=None, region=None, region_mode="threshold", region_threshold=0.2, candidates=10,
-                store_optimal_noise=False, batch=1) -> io.NodeOutput:
+                store_optimal_noise=False, batch=1, gamma=0.5, fixed_point=0) -> io.NodeOutput:
+        check_method_fits(model, method)
+        if method in FLOW_METHODS:
+            if region is not None or eta_schedule is not None:
+                raise ValueError(f"region captures and Eta Schedules do not apply to the {method} method")
+            inv, out = invert_flow(model, positive, negative, latent["samples"], sigmas, method, skip, source_cfg,
+                                   seed, gamma=gamma, fixed_point=fixed_point)
+            return io.NodeOutput(inv, {"samples": out})
         ensure_supported(model)
         samples = latent["samples"]
         check_latent(model, samples)
@@ -265,7 +284,7 @@ def _lock(inv: Inversion, spec: dict | None, latent_hw):
     return kinv.BackgroundLock(inv.source_ladder, from_concepts, skip=inv.skip)
 
 
-def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, lock=None):
+def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, lock=None, rf=None):
     """k-diffusion sampler function: replay ``inversion`` (see InversionSamplerNode)."""
     inv: Inversion = inversion
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
@@ -286,12 +305,14 @@ def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         start = inv.skip
     patcher = patcher_of(model)
     if patcher is not None:
-        inv.check_replay(inv.sigmas, fingerprint=fingerprint(patcher))
+        inv.check_replay(inv.sigmas, fingerprint=(flow_fingerprint if is_flow(patcher) else fingerprint)(patcher))
     run = inv.sigmas[start:].to(sigmas.dtype).to(sigmas.device)
     x0 = inv.x_start.to(device=x.device, dtype=x.dtype)
     noises = None if inv.noises is None else inv.noises.to(device=x.device, dtype=x.dtype)
     eta = inv.eta.to(device=x.device) if inv.eta is not None else 0.0
     bg = _lock(inv, lock, x.shape[-2:])
+    if inv.method in FLOW_METHODS:
+        return replay_flow(model, x0, run, inv, start, extra_args, callback, disable, lock=bg, rf=rf)
     if inv.method == "dpmpp_2m_sde":
         return kinv.replay_dpmpp_2m_sde(model, x0, run, extra_args=extra_args, callback=callback, disable=disable,
                                         noises=noises, start=start, lock=bg)
@@ -325,12 +346,21 @@ class InversionSamplerNode(io.ComfyNode):
                 io.Float.Input("concept_threshold", default=0.25, min=0.0, max=1.0, step=0.05,
                                tooltip="With concept_masks: the fraction of steps a concept must have acted on a "
                                        "pixel for it to be freed."),
+                io.Float.Input("rf_eta", default=0.9, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="rf_inversion: strength of the pull toward the photo's latent (RF-Inversion's "
+                                       "eta; 0 = plain Euler replay, 1 on all steps = the photo exactly)."),
+                io.Float.Input("rf_start", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="rf_inversion: first step with the pull, as a fraction of the steps."),
+                io.Float.Input("rf_stop", default=0.38, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="rf_inversion: the pull stops at this fraction of the steps (0.38: the "
+                                       "reference example); later steps follow the guider alone."),
             ],
             outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, inversion, lock_mask=None, concept_masks=None, feather=8.0, concept_threshold=0.25) -> io.NodeOutput:
+    def execute(cls, inversion, lock_mask=None, concept_masks=None, feather=8.0, concept_threshold=0.25, rf_eta=0.9,
+                rf_start=0.0, rf_stop=0.38) -> io.NodeOutput:
         if lock_mask is not None and concept_masks is not None:
             raise ValueError("give the background lock either a lock_mask or concept_masks, not both")
         if (lock_mask is not None or concept_masks is not None) and inversion.source_ladder is None:
@@ -345,7 +375,10 @@ class InversionSamplerNode(io.ComfyNode):
             lock = {"mask": m.float().cpu(), "feather": feather}
         elif concept_masks is not None:
             lock = {"concept_masks": concept_masks, "feather": feather, "threshold": concept_threshold}
-        return io.NodeOutput(ksampler(_replay, inversion=inversion, lock=lock))
+        rf = (rf_eta, rf_start, rf_stop) if inversion.method == "rf_inversion" else None
+        if rf is not None and not rf_start <= rf_stop:
+            raise ValueError(f"rf_start ({rf_start}) must not exceed rf_stop ({rf_stop})")
+        return io.NodeOutput(ksampler(_replay, inversion=inversion, lock=lock, **({"rf": rf} if rf else {})))
 
 
 class SaveInversionNode(io.ComfyNode):

@@ -266,7 +266,7 @@ def _invert(g: Graph, model_src, positive, negative, enc, sched, method, skip, s
                          ("latent", "LATENT"), ("sigmas", "SIGMAS"), ("eta_schedule", "PHOTOOPS_ETA_SCHEDULE"),
                          ("region", "PHOTOOPS_ATTENTION_CAPTURE")],
                  outputs=[("inversion", "PHOTOOPS_INVERSION"), ("start_latent", "LATENT")],
-                 widgets=[method, skip, source_cfg, 0, "fixed", "threshold", 0.2, 10, False, 1])
+                 widgets=[method, skip, source_cfg, 0, "fixed", "threshold", 0.2, 10, False, 1, 0.5, 0])
     g.link(model_src[0], model_src[1], inv, "model")
     g.link(positive, 0, inv, "positive")
     g.link(negative, 0, inv, "negative")
@@ -282,7 +282,7 @@ def _invert(g: Graph, model_src, positive, negative, enc, sched, method, skip, s
 def _replay(g: Graph, inv, guider, sched, ckpt, prefix):
     smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION"), ("lock_mask", "MASK"),
                                                       ("concept_masks", "PHOTOOPS_CONCEPT_MASKS")],
-                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25])
+                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25, 0.9, 0.0, 0.38])
     noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")])
     sca = g.node("SamplerCustomAdvanced", inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
                                                   ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],

@@ -11,7 +11,8 @@
 | ``training`` | the graph-keeping denoiser over ``BaseModel.apply_model``, VAE encoding into model space |
 | ``pops`` | CLIP vision outputs, unCLIP / ADM consumers, dtype choice (pOps) |
 | ``ip2p`` | InstructPix2Pix model checks and its eps prediction (InstructBrush) |
+| ``flow`` | rectified-flow (``CONST``) models: family checks, flow sigmas and fingerprints, flow inversion / replay, the FlowEdit guider and sampler |
 
 Import graph (acyclic): ``models`` <- ``attention``, ``training``, ``ip2p``; ``text`` <- ``concepts``;
-``files``, ``sampling`` and ``pops`` stand alone.  ``kernels/`` imports none of them.
+``sampling`` <- ``flow``; ``files``, ``sampling`` and ``pops`` stand alone.  ``kernels/`` imports none of them.
 """
