@@ -3,6 +3,7 @@
     python3 tools/dev.py demo    # set up .venv, then run the main job (writes out/)
     python3 tools/dev.py test    # set up .venv, then run the whole test suite
     python3 tools/dev.py setup   # only set up
+    python3 tools/dev.py screenshots   # (needs COMFYUI_DIR) the browser test, writing docs/screenshots/*.png
 
 The venv is ``.venv`` in the repository (CPU torch 2.13.0 from the local wheel, the pack's
 dependencies and the test extras).  With ``COMFYUI_DIR`` pointing at a ComfyUI checkout,
@@ -78,6 +79,34 @@ def test(args) -> int:
     return subprocess.call([str(c) for c in cmd], cwd=ROOT, env=env())
 
 
+def screenshots(args) -> int:
+    """Run the browser test with PHOTOOPS_SCREENSHOTS=docs/screenshots (or the folder that variable
+    already names): one PNG per shipped workflow, the whole graph fitted in view, from the
+    frontend ComfyUI pins; PNGs of workflows that no longer exist are removed."""
+    setup()
+    if not os.environ.get("COMFYUI_DIR"):
+        print("error: set COMFYUI_DIR to a ComfyUI checkout (bash .ci/run unpacks the vendored one into "
+              "~/.cache/photoops-ci/ComfyUI)", file=sys.stderr)
+        return 2
+    out = Path(os.environ.get("PHOTOOPS_SCREENSHOTS") or ROOT / "docs" / "screenshots").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stems = {p.stem for p in (ROOT / "workflows").glob("*.json")}
+    for old in out.glob("*.png"):      # a screenshot of a workflow that is gone
+        if old.stem not in stems:
+            print(f"removing {old} (no workflows/{old.stem}.json)", flush=True)
+            old.unlink()
+    e = env()
+    e["PHOTOOPS_SCREENSHOTS"] = str(out)
+    cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_browser.py",
+           "-k", "test_workflow_loads_without_missing_or_broken_nodes and workflows/", *args]
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, env=e)
+    shots = sorted(out.glob("*.png"))
+    print(f"{len(shots)} screenshots in {out}: " + ", ".join(
+        f"{p.name} ({p.stat().st_size // 1024} KB)" for p in shots), flush=True)
+    return rc
+
+
 def demo(args) -> int:
     setup()
     cmd = [PY, ROOT / "tools" / "demo.py", *args]
@@ -86,13 +115,15 @@ def demo(args) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("setup", "test", "demo"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("setup", "test", "demo", "screenshots"):
         print(__doc__)
         return 2
     cmd, rest = sys.argv[1], sys.argv[2:]
     if cmd == "setup":
         setup()
         return 0
+    if cmd == "screenshots":
+        return screenshots(rest)
     return test(rest) if cmd == "test" else demo(rest)
 
 
