@@ -279,10 +279,12 @@ def _invert(g: Graph, model_src, positive, negative, enc, sched, method, skip, s
     return inv
 
 
-def _replay(g: Graph, inv, guider, sched, ckpt, prefix):
+def _replay(g: Graph, inv, guider, sched, ckpt, prefix, concept_masks=None, feather=8.0):
     smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION"), ("lock_mask", "MASK"),
                                                       ("concept_masks", "PHOTOOPS_CONCEPT_MASKS")],
-                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25, 0.9, 0.0, 0.38])
+                 outputs=[("SAMPLER", "SAMPLER")], widgets=[feather, 0.25, 0.9, 0.0, 0.38])
+    if concept_masks is not None:
+        g.link(concept_masks[0], concept_masks[1], smp, "concept_masks")
     noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")])
     sca = g.node("SamplerCustomAdvanced", inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
                                                   ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
@@ -365,20 +367,23 @@ def inversion_ddpm_edit() -> dict:
 
 def inversion_eta_edit() -> dict:
     g = Graph()
-    note = g.note(md("Eta Inversion: noise where the edit goes",
-                     "Eta Inversion (Kang et al. 2024): DDIM inversion, then a replay that adds fresh noise with a "
-                     "time-dependent eta (the paper's function A, drawn on Eta Schedule), only where the source word "
-                     "attends: the cat changes into a fox, the rest stays DDIM-exact. The inversion is also saved "
-                     "(output/photoops_inversions) to edit again later with Load Inversion. Paper settings: 50 "
-                     "steps, inversion CFG 1, editing CFG 7.5.",
-                     [SD15], ["**Eta Schedule**: the preset and eta (the curve shows eta over the steps).",
-                              "**word** on Attention Capture: the word of the source prompt that the edit changes.",
-                              "**cfg** on the target CFGGuider: the strength of the edit."], CAT,
-                     extra="Prompt-to-Prompt attention control, as the paper edits, is not in this graph yet."))
+    note = g.note(md("Eta Inversion + Prompt-to-Prompt: the paper's edit",
+                     "Eta Inversion (Kang et al. 2024) as the paper runs it: DDIM inversion, then a replay that adds "
+                     "fresh noise with a time-dependent eta (the paper's function A, drawn on Eta Schedule) only "
+                     "where the source word attends, under **Prompt-to-Prompt** attention control (Hertz et al. "
+                     "2022): each step runs the source and target prompts in one batch, the target's attention is "
+                     "taken from the source's early on, and the local blend keeps everything outside the cat / fox "
+                     "exactly as in the photo. The inversion is also saved (output/photoops_inversions) to edit "
+                     "again with Load Inversion. Paper settings: 50 steps, inversion CFG 1, editing CFG 7.5, cross "
+                     "replace 0.4, self replace 0.6, the new word reweighted x2.",
+                     [SD15], ["**source_prompt / target_prompt** on Prompt-to-Prompt Guide: change only the words "
+                              "of the edit (`refine` aligns added words; `replace` swaps one word for one).",
+                              "**cross_replace / self_replace**: how long the target keeps the photo's layout.",
+                              "**Eta Schedule**: the preset and eta (the curve shows eta over the steps); **word** "
+                              "on Attention Capture: where the noise may change the photo."], CAT))
     ckpt = checkpoint(g, SD15)
     img, sc, enc = _photo_in(g, ckpt, CAT)
     src = text(g, ckpt, CAT_SOURCE, "Source prompt (describes the photo)")
-    tgt = text(g, ckpt, CAT_TARGET, "Target prompt (the edit)")
     neg = text(g, ckpt, "", "Negative prompt (empty)")
     cap = g.node("PhotoOps_AttentionCapture", inputs=[("model", "MODEL"), ("clip", "CLIP")],
                  outputs=[("MODEL", "MODEL"), ("capture", "PHOTOOPS_ATTENTION_CAPTURE")],
@@ -391,11 +396,19 @@ def inversion_eta_edit() -> dict:
     inv = _invert(g, (cap, 0), src, neg, enc, sched, "eta", 0, 1.0, eta=eta, region=(cap, 1))
     sv = g.node("PhotoOps_SaveInversion", inputs=[("inversion", "PHOTOOPS_INVERSION")], widgets=["photoops_eta"])
     g.link(inv, 0, sv, "inversion")
-    guider = _cfg_guider(g, ckpt, tgt, neg, 7.5, "Target prompt, CFG 7.5")
-    smp, noise, sca, dec, save = _replay(g, inv, guider, sched, ckpt, "photoops_eta_edit")
-    g.layout(note, [("1. Photo and prompts", [[ckpt, img], [sc, enc], [src, tgt, neg]]),
+    ptp = g.node("PhotoOps_PromptToPromptGuide",
+                 inputs=[("model", "MODEL"), ("clip", "CLIP"), ("negative", "CONDITIONING")],
+                 outputs=[("GUIDER", "GUIDER"), ("blend", "PHOTOOPS_CONCEPT_MASKS")],
+                 widgets=[CAT_SOURCE, CAT_TARGET, 7.5, "refine", 0.4, 0.6, "fox", 2.0, "cat", "fox", 0.3, 0.2],
+                 title="Prompt-to-Prompt Guide: cat -> fox", size=(400, 520))
+    g.link(ckpt, 0, ptp, "model")
+    g.link(ckpt, 1, ptp, "clip")
+    g.link(neg, 0, ptp, "negative")
+    smp, noise, sca, dec, save = _replay(g, inv, ptp, sched, ckpt, "photoops_eta_edit", concept_masks=(ptp, 1),
+                                         feather=0.0)
+    g.layout(note, [("1. Photo and prompts", [[ckpt, img], [sc, enc], [src, neg]]),
                     ("2. Eta inversion of the word's region", [[cap, eta], [sched, inv, sv]]),
-                    ("3. Replay with the target prompt", [[guider, smp, noise], [sca, dec], [save]])])
+                    ("3. Replay under Prompt-to-Prompt control", [[ptp], [smp, noise], [sca, dec], [save]])])
     return g.to_json()
 
 

@@ -11,8 +11,10 @@
 | ``training`` | the graph-keeping denoiser over ``BaseModel.apply_model``, VAE encoding into model space |
 | ``pops`` | CLIP vision outputs, unCLIP / ADM consumers, dtype choice (pOps) |
 | ``ip2p`` | InstructPix2Pix model checks and its eps prediction (InstructBrush) |
+| ``prompt_to_prompt`` | Prompt-to-Prompt control on attn1 / attn2 patches and its batched source / target guider |
 | ``flow`` | rectified-flow (``CONST``) models: family checks, flow sigmas and fingerprints, flow inversion / replay, the FlowEdit guider and sampler |
 
 Import graph (acyclic): ``models`` <- ``attention``, ``training``, ``ip2p``; ``text`` <- ``concepts``;
-``sampling`` <- ``flow``; ``files``, ``sampling`` and ``pops`` stand alone.  ``kernels/`` imports none of them.
+``sampling`` <- ``flow``; ``attention``, ``sampling``, ``text`` <- ``prompt_to_prompt``; ``files``, ``sampling`` and
+``pops`` stand alone.  ``kernels/`` imports none of them.
 """

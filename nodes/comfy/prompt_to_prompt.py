@@ -1,0 +1,135 @@
+"""Prompt-to-Prompt: the attention control on ComfyUI's attn1/attn2 replace patches, and its GUIDER.
+
+Touches ``set_model_attn1_replace`` / ``set_model_attn2_replace`` (through :mod:`.attention`), the
+``model_function_wrapper`` of ``calc_cond_batch`` (to feed the source rows their own latent), core
+``CFGGuider`` (through :class:`.sampling.CombineGuider`) and CLIP tokenizers (through :mod:`.text`).
+
+:class:`PromptToPromptGuider` evaluates, in ONE batched model call per step, the target prompt and the
+negative at the sampler's latent and the source prompt at the source branch's latent.  The source branch
+is anchored to the inversion (Eta Inversion spec §3 step 8): at step ``i`` its latent IS the inversion's
+source ladder at ``sigmas[i]``, whatever the inversion method (ddim, ddpm, eta, dpmpp_2m_sde), so the
+guider carries no source state, and the target is stepped by the Inversion Sampler with the inversion's
+stored (ddpm) or selected (eta) noise — the noise the anchored source would have received, shared.
+The source's negative row is not evaluated (the reference computes it): with the source anchored and the
+eta noise chosen at inversion its prediction is never used; the source's prompt row is there for its
+attention only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...kernels.inversion_state import Inversion
+from ...kernels.prompt_to_prompt import PromptToPromptError
+from .attention import PhotoOpsAttn2Replace, attach_attention_hooks, cross_attention_layers
+from .sampling import ROWS_KEY, CombineGuider
+from .text import _real_tokens, _sub_tokenizer, tokenize_word
+
+SOURCE_KEY = "source"
+
+
+def attach_control(model, control):
+    """A clone of ``model`` whose cross- and self-attention layers run ``control`` (input untouched)."""
+    m = attach_attention_hooks(model, control.cross_hooks)
+    existing = dict(m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {}))
+    for layer in cross_attention_layers(model):
+        key = layer.key
+        previous = existing.get(key, existing.get(key[:2]))
+        m.set_model_attn1_replace(PhotoOpsAttn2Replace(control.self_hooks, layer, previous), key[0], key[1], key[2])
+    return m
+
+
+def prompt_tokens(clip, text: str, what: str) -> dict:
+    """``{"ids": BOS..EOS ids of the first chunk, "chunks": n, "words": [ids per whitespace word]}``."""
+    toks = clip.tokenize(text)
+    key = "l" if "l" in toks else next(iter(toks))
+    chunks = toks[key]
+    tok = _sub_tokenizer(clip, key)
+    end = getattr(tok, "end_token", None)
+    ids = [item[0] for item in chunks[0]]
+    if any(isinstance(t, torch.Tensor) for t in ids):
+        raise PromptToPromptError(f"the {what} prompt holds an embedding; Prompt-to-Prompt aligns word tokens only")
+    n = ids[1:].index(end) + 2 if end in ids[1:] else len(ids)
+    words = [_real_tokens(clip, w)[0] for w in text.split()]
+    return {"ids": ids[:n], "chunks": len(chunks), "words": words, "context": len(chunks) * len(chunks[0])}
+
+
+def word_positions(clip, text: str, words: str, what: str) -> list:
+    """Token positions of each comma-separated word of ``words`` in ``text`` (errors name the word)."""
+    out = []
+    for w in [w.strip() for w in words.split(",") if w.strip()]:
+        try:
+            out.append(tokenize_word(clip, text, w)["positions"])
+        except ValueError as e:
+            raise PromptToPromptError(f"{what}: {e}") from e
+    return out
+
+
+def _swap_wrapper(source_index: int, box: dict, previous):
+    """``model_function_wrapper``: the chunks of the source conditioning get the source latent."""
+
+    def wrapper(apply_model, args):
+        opts = args["c"].get("transformer_options", {})
+        rows = list(opts.get(ROWS_KEY) or args["cond_or_uncond"])
+        x = args["input"]
+        if source_index in rows:
+            per = x.shape[0] // len(rows)
+            x_src = box["x_src"]
+            if tuple(x_src.shape[1:]) != tuple(x.shape[1:]) or per % x_src.shape[0]:
+                raise PromptToPromptError(f"the source latent {tuple(x_src.shape)} does not fit the model input "
+                                          f"{tuple(x.shape)} (area conditioning is not supported)")
+            x = x.clone()
+            for c, r in enumerate(rows):
+                if r == source_index:
+                    x[c * per:(c + 1) * per] = x_src.to(x).repeat(per // x_src.shape[0], 1, 1, 1)
+            args = {**args, "input": x}
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    return wrapper
+
+
+class PromptToPromptGuider(CombineGuider):
+    """Target CFG (``D_u + w (D_t - D_u)``, or the MODEL's own CFG function) with the source row
+    evaluated in the same call on the anchored source latent.  Needs the Inversion Sampler (it reads
+    the INVERSION from the SAMPLER it is run with)."""
+
+    def __init__(self, model_patcher, target, negative, source, cfg: float, control):
+        self.control = control
+        self.box = {}
+        super().__init__(model_patcher, {"positive": target, "negative": negative, SOURCE_KEY: source},
+                         ["positive", "negative", SOURCE_KEY], self._combine, cfg, on_run_start=self._start)
+
+    def _start(self, sigmas, sampler):
+        inv = (getattr(sampler, "extra_options", None) or {}).get("inversion")
+        if not isinstance(inv, Inversion):
+            raise PromptToPromptError("the Prompt-to-Prompt Guide runs with the Inversion Sampler: its source branch "
+                                      "follows the inversion of the photo (connect Inversion Sampler as the SAMPLER)")
+        if inv.source_ladder is None:
+            raise PromptToPromptError("this INVERSION holds no source ladder (saved by an older PhotoOps): invert "
+                                      "the photo again")
+        self.box = {"inv": inv, "sigmas": inv.sigmas.double().cpu()}
+        self.control.reset()
+
+    def _combine(self, x, sigma, outs, step, cfg_denoised=None):
+        if cfg_denoised is not None:
+            return cfg_denoised
+        d_c, d_u = outs[0], outs[1]
+        return d_u + self.cfg * (d_c - d_u)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        inv, s = self.box["inv"], self.box["sigmas"]
+        sigma = float(timestep.flatten()[0])
+        i = int((s[:-1] - sigma).abs().argmin())
+        if not math.isclose(float(s[i]), sigma, rel_tol=1e-4, abs_tol=1e-7) or i < inv.skip:
+            raise PromptToPromptError(f"sigma {sigma:.5g} is not a replayed step of the inversion")
+        self.control.begin_step(i - inv.skip, inv.steps - inv.skip)
+        self.box["x_src"] = inv.source_ladder[i - inv.skip].to(device=x.device, dtype=x.dtype)
+        if self.box["x_src"].shape != x.shape:
+            raise PromptToPromptError(f"the latent {tuple(x.shape)} is not the inversion's {inv.latent_shape}")
+        opts = dict(model_options)
+        opts["model_function_wrapper"] = _swap_wrapper(self.order.index(SOURCE_KEY), self.box,
+                                                       model_options.get("model_function_wrapper"))
+        return super().predict_noise(x, timestep, opts, seed)
