@@ -25,3 +25,27 @@ if str(ROOT / "tests") not in sys.path:
 # ``python -m pytest`` from the repository root puts the root (as '' or its path) on
 # sys.path; drop it for the reason given above.
 sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != ROOT]
+
+
+# Opt-in full-size runs (issue 16): ``@pytest.mark.full_size`` tests load real-size random-weight SD1.5 / SDXL
+# files (bench/full_size_fixtures.py) and take minutes on a CPU; skipped, with the reason, unless
+# PHOTOOPS_FULL_SIZE=1 or ``--full-size``.
+def pytest_addoption(parser):
+    parser.addoption("--full-size", action="store_true", default=False,
+                     help="run the @pytest.mark.full_size tests (also: PHOTOOPS_FULL_SIZE=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full_size: real-size SD1.5 / SDXL runs; opt-in (--full-size or "
+                                       "PHOTOOPS_FULL_SIZE=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full-size") or os.environ.get("PHOTOOPS_FULL_SIZE") == "1":
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="full-size test: opt in with --full-size or PHOTOOPS_FULL_SIZE=1")
+    for item in items:
+        if "full_size" in item.keywords:
+            item.add_marker(skip)
