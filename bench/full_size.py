@@ -36,8 +36,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import _common  # noqa: E402
-import full_size_fixtures as F  # noqa: E402
+import _common
+import full_size_fixtures as F
 
 FAMILIES = ["plain_4rows", "capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "concept_learn",
             "crf", "instruct_apply", "pops"]
@@ -231,13 +231,12 @@ def _child(args) -> None:
 
     comfyenv.ensure_comfy_importable()
     import comfy.samplers
-
     from photoops.nodes import concept_learn as ncl
     from photoops.nodes import inversion as ninv
     from photoops.nodes import semantic_guide as nsg
     from photoops.nodes.attention_mask import AttentionCaptureNode
 
-    log = lambda s: print(s, flush=True)  # noqa: E731
+    log = lambda s: print(s, flush=True)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     todo = [f for f in args.families if args.fresh or not row_path(args.model, args.dtype, f, args.steps).is_file()]
     todo = [f for f in todo if f not in ("pops", "crf")]
@@ -264,7 +263,7 @@ def _child(args) -> None:
     g = torch.Generator().manual_seed(0)
     latent = {"samples": torch.randn(1, 4, lat_hw, lat_hw, generator=g)}
     noise = torch.randn(1, 4, lat_hw, lat_hw, generator=g)
-    enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))  # noqa: E731
+    enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))
     pos, neg = enc(PROMPT), enc("")
     ms = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "karras", args.steps).cpu()
@@ -361,11 +360,10 @@ def run_instruct(args, fam, model, clip, vae, M, measure, finish, base_m, log, p
     """Instruction Learn (1 step, to get an instruction of the real layout) then Instruction Apply on an
     IP2P-shaped UNet (8 input channels) beside plain IP2P sampling (InstructPixToPixConditioning ->
     DualCFGGuider -> euler)."""
-    import torch
     import comfy.samplers
     import comfy.sd
+    import torch
     from comfy_extras.nodes_ip2p import InstructPixToPixConditioning
-
     from photoops.nodes import instructbrush as nib
     from photoops.nodes.comfy.files import register_model_folder  # noqa: F401
 
@@ -458,7 +456,6 @@ def run_pops(args) -> None:
 
     comfyenv.ensure_comfy_importable()
     import pops as bp
-
     from photoops.nodes import pops as npops
     from photoops.nodes.comfy.models import module_patcher
     from photoops.nodes.comfy.pops import make_clip_vision_output

@@ -73,8 +73,8 @@ def cache_dir() -> Path:
 # ----------------------------------------------------------------------------- layouts (meta device)
 
 def _comfy_unet_layout(config: dict):
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     return UNetModel(**config, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
 
@@ -228,7 +228,7 @@ if __name__ == "__main__":
     import argparse
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _common  # noqa: F401
+    import _common
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--which", nargs="+", default=["sd15", "ip2p", "sdxl"])

@@ -75,15 +75,25 @@ Open points of RF §2.3 / §9, settled here (after reading the community pipelin
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .inversion import _check_interrupt, _ladder_noise, _sigma_in, _work_dtype, sigma_list
 
-__all__ = ["flow_sigma_list", "velocity", "euler_step", "euler_invert", "rf_ancestral_coeffs", "rf_ancestral_step",
-           "rf_ancestral_invert", "rf_ancestral_sample", "rf_inversion_invert", "rf_eta_per_step",
-           "flow_euler_sample"]
+__all__ = [
+    "euler_invert",
+    "euler_step",
+    "flow_euler_sample",
+    "flow_sigma_list",
+    "rf_ancestral_coeffs",
+    "rf_ancestral_invert",
+    "rf_ancestral_sample",
+    "rf_ancestral_step",
+    "rf_eta_per_step",
+    "rf_inversion_invert",
+    "velocity",
+]
 
 
 def flow_sigma_list(sigmas) -> list:
@@ -117,8 +127,8 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
 # ----------------------------------------------------------------------------- (a) Euler ODE inversion
 
 @torch.no_grad()
-def euler_invert(denoise: Callable, x0: torch.Tensor, sigmas, fixed_point: int = 0, callback: Optional[Callable] = None,
-                 interrupt: Optional[Callable] = None):
+def euler_invert(denoise: Callable, x0: torch.Tensor, sigmas, fixed_point: int = 0, callback: Callable | None = None,
+                 interrupt: Callable | None = None):
     """Deterministic flow-ODE inversion (RF §2.1): ``(ladder, residuals)``.
 
     ``sigmas`` is the SAMPLING list the replay will use; its last entry is where ``x0`` is taken to
@@ -188,7 +198,7 @@ def _rf_mean(x, denoised, sigma, sigma_next, eta):
     return (scale * m if float(eta) > 0 else m), c
 
 
-def rf_ancestral_step(x, denoised, sigma, sigma_next, eta=1.0, noise: Optional[torch.Tensor] = None,
+def rf_ancestral_step(x, denoised, sigma, sigma_next, eta=1.0, noise: torch.Tensor | None = None,
                       s_noise: float = 1.0) -> torch.Tensor:
     """(F7): one step of ComfyUI's ``sample_euler_ancestral_RF`` with the given noise ``z``.
 
@@ -205,8 +215,8 @@ def rf_ancestral_step(x, denoised, sigma, sigma_next, eta=1.0, noise: Optional[t
 
 @torch.no_grad()
 def rf_ancestral_invert(denoise: Callable, x0: torch.Tensor, sigmas, eta=1.0, s_noise: float = 1.0,
-                        generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
-                        callback: Optional[Callable] = None, interrupt: Optional[Callable] = None):
+                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                        callback: Callable | None = None, interrupt: Callable | None = None):
     """Edit-friendly noise-map inversion for the RF ancestral sampler (RF §2.2): ``(x_start, zs, ladder)``.
 
     Ladder (F8) with independent rungs drawn exactly as :func:`~.inversion.ddpm_invert` draws its
@@ -283,9 +293,9 @@ def rf_ancestral_sample(model, x, sigmas, extra_args=None, callback=None, disabl
 
 @torch.no_grad()
 def rf_inversion_invert(denoise: Callable, x0: torch.Tensor, sigmas, gamma=0.5,
-                        generator: Optional[torch.Generator] = None, y1: Optional[torch.Tensor] = None,
-                        model_times: Optional[Sequence[float]] = None, callback: Optional[Callable] = None,
-                        interrupt: Optional[Callable] = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None, y1: torch.Tensor | None = None,
+                        model_times: Sequence[float] | None = None, callback: Callable | None = None,
+                        interrupt: Callable | None = None) -> torch.Tensor:
     """RF-Inversion's controlled forward ODE (Algorithm 1; (F11), (F12)): the ladder ``[N+1, ...]``.
 
     Ascending over the sampling list read backwards (its last entry must be ``> 0``).  ``y1``: the
@@ -341,7 +351,7 @@ def rf_eta_per_step(n: int, eta: float, start: float = 0.0, stop: float = 1.0) -
 
 @torch.no_grad()
 def flow_euler_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, start: int = 0, lock=None,
-                      y0: Optional[torch.Tensor] = None, eta=0.0):
+                      y0: torch.Tensor | None = None, eta=0.0):
     """k-diffusion sampler: Euler (F2), or RF-Inversion's controlled reverse ODE (F13) toward ``y0``.
 
     ``eta``: float or per-step values of the FULL schedule (``eta[start + j]`` for step ``j``; see

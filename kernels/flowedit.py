@@ -28,7 +28,7 @@ draws per ODE step then one for (E5); float32 ``randn`` in the latent's shape (t
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -48,8 +48,8 @@ def check_flowedit_steps(steps: int, n_max: int, n_min: int, n_avg: int) -> None
 
 @torch.no_grad()
 def flowedit_sample(denoise_src: Callable, denoise_tar: Callable, x_src: torch.Tensor, sigmas, n_max: int,
-                    n_min: int = 0, n_avg: int = 1, generator: Optional[torch.Generator] = None,
-                    callback: Optional[Callable] = None, interrupt: Optional[Callable] = None) -> torch.Tensor:
+                    n_min: int = 0, n_avg: int = 1, generator: torch.Generator | None = None,
+                    callback: Callable | None = None, interrupt: Callable | None = None) -> torch.Tensor:
     """(E1)-(E6) over the sampling list ``sigmas`` (``T = len(sigmas) - 1`` steps; usually ``s_0 = 1``, ``s_T = 0``).
 
     ``denoise_src`` / ``denoise_tar``: ``(z, sigma [B]) -> D`` with the source / target conditioning

@@ -58,16 +58,28 @@ conditioning's rows is the source batch and the second the target batch (one mod
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .attention import AttentionHooks, ProbabilityCache, fold_sequence
 
-__all__ = ["PromptToPromptError", "align_tokens", "refinement_mapper", "replacement_mapper", "word_token_spans",
-           "equalizer", "PromptToPromptControl", "LocalBlend", "ControlledHooks", "ptp_predict", "SourceAnchoredPtP",
-           "step_windows", "install_self_attention_hooks"]
+__all__ = [
+    "ControlledHooks",
+    "LocalBlend",
+    "PromptToPromptControl",
+    "PromptToPromptError",
+    "SourceAnchoredPtP",
+    "align_tokens",
+    "equalizer",
+    "install_self_attention_hooks",
+    "ptp_predict",
+    "refinement_mapper",
+    "replacement_mapper",
+    "step_windows",
+    "word_token_spans",
+]
 
 MODES = ("replace", "refine")
 
@@ -169,10 +181,7 @@ def replacement_mapper(src_words: Sequence[Sequence], tgt_words: Sequence[Sequen
     i = j = 1
     for ws, wt in zip(src_words, tgt_words):
         ws, wt = list(ws), list(wt)
-        if ws == wt:
-            for k in range(len(ws)):
-                m[i + k, j + k] = 1.0
-        elif len(ws) == len(wt):
+        if ws == wt or len(ws) == len(wt):
             for k in range(len(ws)):
                 m[i + k, j + k] = 1.0
         else:
@@ -252,7 +261,7 @@ class LocalBlend:
             return None
         return 4 if 4 in factors else max(factors)
 
-    def region(self) -> Optional[torch.Tensor]:
+    def region(self) -> torch.Tensor | None:
         """``[B, h, w]`` in {0, 1}: the thresholded union of (P7) before dilation; None if nothing recorded."""
         f = self._factor()
         if f is None or (0, f) not in self.sums or (1, f) not in self.sums:
@@ -280,7 +289,7 @@ class LocalBlend:
             raise RuntimeError("no sampling step has run with the Prompt-to-Prompt guide yet")
         return r
 
-    def mask(self, latent_hw) -> Optional[torch.Tensor]:
+    def mask(self, latent_hw) -> torch.Tensor | None:
         """``[B, 1, H, W]`` mask of (P7) at latent size, or None (before ``start`` / nothing recorded)."""
         r = self.lock_region()
         if r is None:
@@ -312,8 +321,8 @@ class PromptToPromptControl:
     ``(layer, step, P_t')`` of every controlled cross-attention call (tests).
     """
 
-    def __init__(self, mode: str, mapper, context_len: int, equalizer: Optional[torch.Tensor] = None,
-                 cross_steps=(0.0, 0.4), self_steps=(0.0, 0.6), blend: Optional[LocalBlend] = None,
+    def __init__(self, mode: str, mapper, context_len: int, equalizer: torch.Tensor | None = None,
+                 cross_steps=(0.0, 0.4), self_steps=(0.0, 0.6), blend: LocalBlend | None = None,
                  source_index: int = 0, target_index: int = 0, self_min_factor: int = 2):
         if mode not in MODES:
             raise PromptToPromptError(f"mode must be one of {MODES}, got {mode!r}")

@@ -7,20 +7,18 @@ weights; tolerance 1e-6 relative (float32; measured 4e-8 SD3, 1.3e-7 Flux) unles
 """
 import pytest
 import torch
-
 from comfy_harness import inprocess
 
 inprocess.require("test_comfy_flow_inversion")
 
-import comfy.model_detection  # noqa: E402
-import comfy.model_sampling as cms  # noqa: E402
-import comfy.samplers  # noqa: E402
-from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, SamplerCustomAdvanced  # noqa: E402
-
-from comfy_harness import flow_fixtures as ff  # noqa: E402
-from photoops.kernels.inversion_state import InversionMismatchError, load_inversion, save_inversion  # noqa: E402
-from photoops.kernels.protocol import UnsupportedModelError  # noqa: E402
-from photoops.nodes import inversion as ninv  # noqa: E402
+import comfy.model_detection
+import comfy.model_sampling as cms
+import comfy.samplers
+from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, SamplerCustomAdvanced
+from comfy_harness import flow_fixtures as ff
+from photoops.kernels.inversion_state import InversionMismatchError, load_inversion, save_inversion
+from photoops.kernels.protocol import UnsupportedModelError
+from photoops.nodes import inversion as ninv
 
 
 @pytest.fixture(scope="module")

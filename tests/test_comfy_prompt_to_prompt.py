@@ -8,16 +8,14 @@ sampler's lock).  Skipped (with the reason printed) when COMFYUI_DIR is unset.
 """
 import pytest
 import torch
-
 from comfy_harness import inprocess
 
 inprocess.require("test_comfy_prompt_to_prompt")
 
-import comfy.samplers  # noqa: E402
-
-from photoops.kernels.prompt_to_prompt import PromptToPromptError  # noqa: E402
-from photoops.nodes import inversion as ninv  # noqa: E402
-from photoops.nodes import prompt_to_prompt as nptp  # noqa: E402
+import comfy.samplers
+from photoops.kernels.prompt_to_prompt import PromptToPromptError
+from photoops.nodes import inversion as ninv
+from photoops.nodes import prompt_to_prompt as nptp
 
 SRC, TGT = "a photo of a red circle", "a photo of a blue circle"
 
@@ -26,7 +24,7 @@ SRC, TGT = "a photo of a red circle", "a photo of a blue circle"
 def env():
     model, clip, _, _ = inprocess.load_fixture()
     torch.manual_seed(0)
-    enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))  # noqa: E731
+    enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))
     return {"model": model, "clip": clip, "src": enc(SRC), "tgt": enc(TGT), "neg": enc(""),
             "latent": {"samples": torch.randn(1, 4, 8, 8) * 5.0}}
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from photoops.kernels.flow_inversion import (
     euler_invert,
     euler_step,
@@ -19,8 +18,7 @@ from photoops.kernels.flow_inversion import (
     rf_eta_per_step,
     rf_inversion_invert,
 )
-
-from tiny import one_thread  # noqa: E402,F401  (autouse fixture: one torch thread in this module)
+from tiny import one_thread  # noqa: F401  (autouse fixture: one torch thread in this module)
 
 
 def shifted(n, shift=3.0, final=0.003, dtype=torch.float64):

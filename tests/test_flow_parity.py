@@ -16,17 +16,15 @@ Flux is checked at one sigma (each forward of the 404 M-parameter file costs ~1 
 """
 import pytest
 import torch
-from einops import rearrange
-
 from comfy_harness import inprocess
+from einops import rearrange
 
 inprocess.require("test_flow_parity")
 
-import comfy.utils  # noqa: E402
-
-from comfy_harness import flow_fixtures as ff  # noqa: E402
-from photoops.kernels.flow_inversion import velocity  # noqa: E402
-from photoops.nodes.comfy.sampling import run_with_guider  # noqa: E402
+import comfy.utils
+from comfy_harness import flow_fixtures as ff
+from photoops.kernels.flow_inversion import velocity
+from photoops.nodes.comfy.sampling import run_with_guider
 
 SIGMAS = (0.9, 0.5, 0.2)
 TOL = 2e-6

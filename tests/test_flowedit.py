@@ -8,10 +8,8 @@ float32 noise draws (as the kernel and the official ``randn_like``).
 """
 import pytest
 import torch
-
 from photoops.kernels.flowedit import flowedit_sample
-
-from tiny import one_thread  # noqa: E402,F401  (autouse fixture: one torch thread in this module)
+from tiny import one_thread  # noqa: F401  (autouse fixture: one torch thread in this module)
 
 
 def velocity_fn(seed):

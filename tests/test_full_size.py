@@ -15,16 +15,16 @@ import pytest
 
 pytestmark = pytest.mark.full_size
 
-from comfy_harness import inprocess  # noqa: E402
+from comfy_harness import inprocess
 
 inprocess.require("test_full_size")
 
-import torch  # noqa: E402
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
-import full_size_fixtures as F  # noqa: E402
+import full_size_fixtures as F
 
 
 def _meta_state_dict(path: Path) -> dict:
@@ -76,7 +76,6 @@ def test_comfyui_detects_the_fixtures(files):
 def test_attention_capture_full_size_bf16_has_no_nan(files):
     import comfy.samplers
     import comfy.sd
-
     from photoops.nodes.attention_mask import AttentionCaptureNode, AttentionMaskNode
 
     torch.set_num_threads(2)
@@ -127,12 +126,11 @@ def test_attention_and_mask_stores_do_not_grow_with_steps_at_128x128_latents():
     independent of the number of steps at SDXL's 128x128 latent (the tiny CI UNet, same code path: about 10 CPU
     minutes at 128x128, hence opt-in)."""
     import comfy.samplers
-
     from photoops.nodes import semantic_guide as nsg
     from photoops.nodes.attention_mask import AttentionCaptureNode
 
     model, clip, _, _ = inprocess.load_fixture()
-    enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))  # noqa: E731
+    enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))
     pos, neg = enc("a photo of a red circle"), enc("")
     lat = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))
     ms = model.get_model_object("model_sampling")

@@ -1,14 +1,12 @@
 """Regression tests (tiny fixtures, default CI) for what the full-size bench (issue 16, bench/full_size.py) found."""
 import torch
-
 from comfy_harness import inprocess
 
 inprocess.require("test_full_size_fixes")
 
-import comfy.sd  # noqa: E402
-
-from comfy_harness import fixtures  # noqa: E402
-from photoops.nodes.comfy.models import normal_weight_copies  # noqa: E402
+import comfy.sd
+from comfy_harness import fixtures
+from photoops.nodes.comfy.models import normal_weight_copies
 
 
 def test_weight_stand_ins_alias_the_inference_weights_without_a_copy():

@@ -18,13 +18,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from photoops.kernels import prompt_to_prompt as kp
 from photoops.kernels.attention import explicit_attention
 from photoops.kernels.protocol import CallInfo, LayerInfo
-
 from tiny import one_thread  # noqa: F401  (autouse: one torch thread)
-
 
 # ============================================================================ properties
 
@@ -90,7 +87,7 @@ def test_self_attention_takes_source_queries_and_keys_early_and_coarse():
     heads = 2
     c = _control(self_steps=(0.0, 0.5))
     q, k, v = torch.randn(3, 16, 8), torch.randn(3, 16, 8), torch.randn(3, 16, 8)
-    att = lambda a, b, cc: explicit_attention(a, b, cc, heads)  # noqa: E731
+    att = lambda a, b, cc: explicit_attention(a, b, cc, heads)
     coarse, fine = _call([0, 1, 2], 1, (8, 8)), _call([0, 1, 2], 1, (4, 4))   # 16 queries: factor 2, factor 1
     layer = LayerInfo("s", "up", 0)
     c.begin_step(0, 10)
@@ -263,7 +260,7 @@ def setup():
     pipe, uncond = tiny_ledits_pipeline(0)
     tok = byte_tokenizer()
     with torch.no_grad():
-        enc = lambda t: pipe.text_encoder(tok([t], padding="max_length", max_length=77,  # noqa: E731
+        enc = lambda t: pipe.text_encoder(tok([t], padding="max_length", max_length=77,
                                               return_tensors="pt").input_ids)[0]
         c_src, c_tgt = enc(SRC_PROMPT), enc(TGT_PROMPT)
     src_ids, tgt_ids = tok(SRC_PROMPT).input_ids, tok(TGT_PROMPT).input_ids
@@ -298,7 +295,7 @@ def reference_edit(s):
     """The reference algorithm (VP form): DDIM inversion, then the Eta+PtP backward pass."""
     unet, ab = s["unet"], s["ab"]
     ts = s["ts"]
-    a = lambda t: ab[t] if t >= 0 else ab[0]                                    # noqa: E731  final level abar_0
+    a = lambda t: ab[t] if t >= 0 else ab[0]
     ctx2 = torch.cat([s["uncond"], s["c_src"]])
 
     def eps(x, t, ctx):

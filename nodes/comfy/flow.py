@@ -13,10 +13,9 @@ through ``process_latent_out`` (not through the sampler's ``inverse_noise_scalin
 """
 from __future__ import annotations
 
-import torch
-
 import comfy.model_sampling
 import comfy.samplers
+import torch
 
 from ...kernels import flow_inversion as kflow
 from ...kernels import flowedit as kfe

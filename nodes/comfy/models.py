@@ -8,10 +8,9 @@ that lets autograd run through a loaded checkpoint.
 """
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 import comfy.model_sampling
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ...kernels.files import content_hash
