@@ -32,7 +32,6 @@ import time
 from _common import ROOT, import_pack
 
 import_pack()
-sys.path.insert(0, str(ROOT))
 import torch
 
 

@@ -23,7 +23,6 @@ import time
 from _common import ROOT, import_pack
 
 import_pack()
-sys.path.insert(0, str(ROOT))
 import concept_toy as ct
 import torch
 from photoops.kernels import concept_learn as cl

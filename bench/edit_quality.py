@@ -25,7 +25,6 @@ from pathlib import Path
 from _common import ROOT, import_pack
 
 import_pack()
-sys.path.insert(0, str(ROOT))                      # tools.toyworld
 import torch  # noqa: E402
 
 from photoops.kernels import eta as keta  # noqa: E402

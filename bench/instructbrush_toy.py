@@ -42,7 +42,6 @@ import time
 from _common import ROOT, import_pack
 
 import_pack()
-sys.path.insert(0, str(ROOT))                      # tools.toyworld
 import torch
 from photoops.kernels import instructbrush as ib
 from photoops.kernels.instructbrush_diffusers import DiffusersIP2P

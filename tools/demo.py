@@ -40,7 +40,6 @@ TOY_MODEL = Path(os.environ.get("PHOTOOPS_TOY_MODEL", ROOT / "tools" / "toyworld
 
 def toy_demo(a) -> int:
     """Invert a toy photo and edit it (edit-friendly DDPM inversion + caption swap), with scores."""
-    sys.path.insert(0, str(ROOT))
     import numpy as np
     import torch
     from PIL import Image
