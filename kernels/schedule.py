@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VPSchedule", "sigma_to_abar", "abar_to_sigma", "vp_to_k", "k_to_vp"]
+__all__ = ["VPSchedule", "sigma_to_abar", "abar_to_sigma", "vp_to_k", "k_to_vp", "invertible_sigmas"]
 
 
 def sigma_to_abar(sigma):
@@ -121,3 +121,32 @@ class VPSchedule:
 
     def abar(self, sigma):
         return sigma_to_abar(torch.as_tensor(sigma, dtype=torch.float64))
+
+
+def invertible_sigmas(sigmas, sigma_min: float) -> tuple:
+    """A sampling schedule made invertible: ``(sigmas float64, info)`` (exact replay needs s_final > 0).
+
+    A final 0 becomes ``sigma_min`` (``final_zero_replaced``), unless the schedule already ends at
+    that minimum before the 0 (ComfyUI's ``normal``, ``karras`` ... put sigma_min there, rounded to
+    float32): the replacement would be a step of one float32 ulp, whose noise map divides by ~0 and
+    whose DPM-Solver step size is rounding noise; the final 0 is then dropped instead
+    (``final_zero_dropped``, the replay drops it too).  Our choice; the papers sample on their own
+    timestep lists.  The same rule for VP sigmas and rectified-flow times.
+    """
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    if s.numel() < 2:
+        raise ValueError("SIGMAS must hold at least two values (one step)")
+    info = {"final_zero_replaced": False, "final_zero_dropped": False}
+    if s[-1] == 0:
+        if s.numel() > 2 and s[-2] <= sigma_min * (1 + 1e-4):
+            s = s[:-1].clone()
+            info["final_zero_dropped"] = True
+        elif s.numel() == 2 and s[0] <= sigma_min * (1 + 1e-4):
+            raise ValueError("a single step from the model's smallest sigma to 0 cannot be inverted")
+        else:
+            s = s.clone()
+            s[-1] = sigma_min
+            info["final_zero_replaced"] = True
+    if not torch.all(s[:-1] > s[1:]):
+        raise ValueError(f"SIGMAS must be strictly decreasing (a sampling schedule), got {s.tolist()[:6]}...")
+    return s, info

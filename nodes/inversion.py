@@ -23,11 +23,12 @@ from ..kernels import eta as keta
 from ..kernels import inversion as kinv
 from ..kernels import maps as kmaps
 from ..kernels.inversion_state import Inversion, load_inversion, save_inversion
+from ..kernels.schedule import invertible_sigmas
+from .attention_mask import CAPTURE, VAE_FACTOR
 from .comfy.files import folder_file_path, folder_files, next_save_path, register_folder
 from .comfy.flow import FLOW_METHODS, check_method_fits, flow_fingerprint, invert_flow, is_flow, replay_flow
 from .comfy.models import check_latent, ensure_supported, fingerprint, patcher_of, vp_schedule
 from .comfy.sampling import interrupt_check, ksampler, progress_bar, run_with_guider
-from .attention_mask import CAPTURE, VAE_FACTOR
 from .eta_schedule import ETA_SCHEDULE, EtaScheduleNode, build_schedule, parse_points  # noqa: F401 (re-exported)
 
 CONCEPT_MASKS = io.Custom("PHOTOOPS_CONCEPT_MASKS")   # Semantic Guide's second output
@@ -61,34 +62,9 @@ def replay_steps(sampler, sigmas) -> tuple:
 
 
 def _prepare_sigmas(model, sigmas: torch.Tensor) -> tuple:
-    """Validate SIGMAS; a final 0 is made invertible (exact replay needs s_final > 0).
-
-    Returns ``(sigmas, info)``.  A final 0 becomes the model's smallest sigma
-    (``final_zero_replaced``), unless the schedule already ends at that minimum before the
-    0 (ComfyUI's ``normal``, ``karras`` ... put sigma_min there, rounded to float32): the
-    replacement would be a step of one float32 ulp, whose noise map divides by ~0 and whose
-    DPM-Solver step size is rounding noise; the final 0 is then dropped instead
-    (``final_zero_dropped``, the replay drops it too).  Our choice; the papers sample on
-    their own timestep lists.
-    """
-    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-    if s.numel() < 2:
-        raise ValueError("SIGMAS must hold at least two values (one step)")
-    info = {"final_zero_replaced": False, "final_zero_dropped": False}
-    if s[-1] == 0:
-        s_min = float(vp_schedule(model).sigma_min)
-        if s.numel() > 2 and s[-2] <= s_min * (1 + 1e-4):
-            s = s[:-1].clone()
-            info["final_zero_dropped"] = True
-        elif s.numel() == 2 and s[0] <= s_min * (1 + 1e-4):
-            raise ValueError("a single step from the model's smallest sigma to 0 cannot be inverted")
-        else:
-            s = s.clone()
-            s[-1] = s_min
-            info["final_zero_replaced"] = True
-    if not torch.all(s[:-1] > s[1:]):
-        raise ValueError(f"SIGMAS must be strictly decreasing (a sampling schedule), got {s.tolist()[:6]}...")
-    return s, info
+    """Validate SIGMAS; a final 0 is made invertible (``kernels.schedule.invertible_sigmas`` with the
+    model's smallest sigma).  Returns ``(sigmas, info)``."""
+    return invertible_sigmas(sigmas, float(vp_schedule(model).sigma_min))
 
 
 def _region_mask(capture, latent_hw, threshold: float, mode: str = "threshold") -> torch.Tensor:

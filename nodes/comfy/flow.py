@@ -22,6 +22,7 @@ from ...kernels import flowedit as kfe
 from ...kernels.files import content_hash
 from ...kernels.inversion_state import Inversion
 from ...kernels.protocol import UnsupportedModelError
+from ...kernels.schedule import invertible_sigmas
 from .sampling import interrupt_check, progress_bar, run_with_guider
 
 FLOW_METHODS = ("flow_ode", "flow_noise_maps", "rf_inversion")
@@ -78,27 +79,13 @@ def flow_fingerprint(model) -> dict:
 
 def prepare_sigmas(model, sigmas) -> tuple:
     """Flow SIGMAS for inversion: ``(sigmas, info)``; a final 0 becomes the model's ``sigma_min`` (its
-    smallest table entry) or is dropped when the list already reaches it, as the VP ``Invert`` does."""
+    smallest table entry) or is dropped when the list already reaches it, as the VP ``Invert`` does
+    (``kernels.schedule.invertible_sigmas``)."""
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-    if s.numel() < 2:
-        raise ValueError("SIGMAS must hold at least two values (one step)")
-    if float(s[0]) > 1.0 + 1e-6:
+    if s.numel() and float(s[0]) > 1.0 + 1e-6:
         raise ValueError(f"these SIGMAS start at {float(s[0]):.4g}, a VP schedule; a rectified-flow model "
                          f"({family(model)}) samples flow times in [0, 1]: build them with this model")
-    info = {"final_zero_replaced": False, "final_zero_dropped": False}
-    if s[-1] == 0:
-        s_min = float(model.get_model_object("model_sampling").sigma_min)
-        if s.numel() > 2 and s[-2] <= s_min * (1 + 1e-4):
-            s, info["final_zero_dropped"] = s[:-1].clone(), True
-        elif s.numel() == 2 and s[0] <= s_min * (1 + 1e-4):
-            raise ValueError("a single step from the model's smallest sigma to 0 cannot be inverted")
-        else:
-            s = s.clone()
-            s[-1] = s_min
-            info["final_zero_replaced"] = True
-    if not torch.all(s[:-1] > s[1:]):
-        raise ValueError(f"SIGMAS must be strictly decreasing (a sampling schedule), got {s.tolist()[:6]}...")
-    return s, info
+    return invertible_sigmas(s, float(model.get_model_object("model_sampling").sigma_min))
 
 
 def invert_flow(model, positive, negative, latent: torch.Tensor, sigmas, method: str, skip: int, cfg: float,
