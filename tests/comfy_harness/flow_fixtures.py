@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -101,20 +99,6 @@ def random_state_dict(kind: str, seed: int = SEED) -> dict:
     return out
 
 
-def _save(sd: dict, path: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def cached_flow_fixture(kind: str, cache_dir=None) -> Path:
     """Path of the tiny ``kind`` ("sd3" / "flux") diffusion-model file, generated on first use."""
     from .fixtures import default_cache_dir
@@ -122,6 +106,8 @@ def cached_flow_fixture(kind: str, cache_dir=None) -> Path:
     name = {"sd3": SD3_NAME, "flux": FLUX_NAME}[kind]
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"flow-{_hash(kind)}" / name
     if not path.is_file():
+        from .pops_fixtures import _save  # the harness' one atomic fixture write
+
         _save(random_state_dict(kind), path, {"photoops_fixture": json.dumps({"kind": kind, "seed": SEED,
                                                                              "version": GENERATOR_VERSION})})
     return path
