@@ -464,17 +464,96 @@ def ptp_predict(denoiser, x_src, x_tgt, sigma, c_src, c_tgt, uncond, cfg: float)
     return d[: x_src.shape[0]], d[x_src.shape[0]:]
 
 
+class EditTimeNoise:
+    """Eta Inversion's noise chosen DURING editing, as the reference runs it (Eta §3 steps 2-6 in sigma
+    form, :func:`~.inversion.eta_inversion_noises` for the maths): at replayed step ``i`` the source
+    branch is anchored at ``L_i`` (the inversion's ``source_ladder`` level) and its prediction ``D_s``
+    comes from the editing call, at the EDITING CFG; then::
+
+        mean = D_s + s_down (L_i - D_s) / sigma_i,   n* = (L_{i+1} - mean) / s_up        (I11)
+        n    = argmin_k mean((c_k - n*)^2)  over the K candidates of step i             (I12)
+
+    and both branches take ``n``.  Selecting at inversion time (:func:`eta_inversion_noises`, what
+    Invert stores) uses the inversion's CFG instead; the two are the same computation only when the
+    CFGs are equal (the paper inverts at CFG 1 and edits at 7.5).
+
+    Candidates: the same stream as Invert's — one ``randn((K, *x.shape))`` float32 draw per step of
+    the FULL schedule from ``torch.Generator("cpu").manual_seed(seed)``, skipped steps included — so
+    with equal CFGs the choice is Invert's bit for bit (tested).  ``store_optimal`` uses ``n*``
+    itself (anchored at the ladder, as the reference, not at the replayed rung).  ``etas``: the
+    scalar eta per step (with an eta mask the reference still forms ``n*`` with the scalar).
+
+    A sequence for :func:`~.inversion.replay_sample` (``noises=``): ``self[i]`` is step ``i``'s
+    selected noise, available once :meth:`select` ran for it (the sampler asks after the model call).
+    """
+
+    def __init__(self, source_ladder: torch.Tensor, sigmas, etas, skip: int, candidates: int, seed: int,
+                 store_optimal: bool = False):
+        self.ladder, self.skip = source_ladder, int(skip)
+        self.sigmas = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).flatten()]
+        self.etas = [float(v) for v in torch.as_tensor(etas, dtype=torch.float64).flatten()]
+        self.n = len(self.sigmas) - 1
+        if len(self.etas) != self.n:
+            raise ValueError(f"{len(self.etas)} per-step etas for {self.n} steps")
+        if self.ladder.shape[0] != self.n - self.skip + 1:
+            raise ValueError(f"the source ladder has {self.ladder.shape[0]} levels, the replay needs {self.n - self.skip + 1}")
+        self.k, self.store_optimal, self.seed = int(candidates), bool(store_optimal), int(seed)
+        if self.k < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        self.reset()
+
+    def reset(self):
+        self.gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.drawn, self.cands, self.chosen = 0, None, {}
+
+    def _candidates(self, i: int) -> torch.Tensor:
+        if i < self.drawn - 1:
+            self.reset()                                   # a step revisited: redraw the stream from the seed
+        shape = tuple(self.ladder.shape[1:])
+        while self.drawn <= i:
+            self.cands = torch.randn((self.k, *shape), generator=self.gen, dtype=torch.float32)  # cpu: Invert's candidate stream (CPU generator), moved in select()
+            self.drawn += 1
+        return self.cands
+
+    def select(self, i: int, x_src: torch.Tensor, d_src: torch.Tensor) -> torch.Tensor:
+        """Choose step ``i``'s noise from the anchored source ``x_src`` (= ``L_i``) and its prediction."""
+        from .inversion import ancestral_split, select_candidate
+
+        cand = self._candidates(i)
+        s_up, s_down = ancestral_split(self.sigmas[i], self.sigmas[i + 1], self.etas[i])
+        if s_up <= 0:
+            out = torch.zeros_like(x_src, dtype=torch.float32)          # coefficient 0 (the reference's 0/0)
+        else:
+            x_s, d_s = x_src.float(), d_src.float()
+            mean = d_s + s_down * ((x_s - d_s) / self.sigmas[i])
+            n_star = (self.ladder[i - self.skip + 1].to(x_s) - mean) / s_up                    # (I11)
+            out = n_star if self.store_optimal else select_candidate(n_star, cand.to(x_s.device))[0]  # (I12)
+        self.chosen[i] = out
+        return out
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i not in self.chosen:
+            raise RuntimeError(f"the edit-time noise of step {i} was asked before the source branch ran")
+        return self.chosen[i]
+
+
 class SourceAnchoredPtP:
     """A ``denoise(x_t, sigma)`` for :func:`~.inversion.replay_sample` that runs PtP with the
     source branch anchored to an inversion's ladder (Eta §3 step 8): at step ``i`` the source
     latent is ``ladder[i - skip]`` (the inversion's ``source_ladder``, levels
     ``sigmas[skip..N]``), so no source state is carried and both branches share the replayed
     noise.  ``predict(x_s, x_t, sigma) -> (D_s, D_t)`` is the batched model call (e.g.
-    :func:`ptp_predict` with its conditionings bound).  The step is found by sigma.
+    :func:`ptp_predict` with its conditionings bound).  The step is found by sigma.  With ``noise``
+    (an :class:`EditTimeNoise`, also given to the replay as ``noises``) Eta Inversion's noise is
+    chosen from ``D_s`` at the editing CFG, as the reference does.
     """
 
-    def __init__(self, predict, control: PromptToPromptControl, source_ladder: torch.Tensor, sigmas, skip: int = 0):
-        self.predict, self.control = predict, control
+    def __init__(self, predict, control: PromptToPromptControl, source_ladder: torch.Tensor, sigmas, skip: int = 0,
+                 noise: EditTimeNoise | None = None):
+        self.predict, self.control, self.noise = predict, control, noise
         self.ladder, self.skip = source_ladder, int(skip)
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
 
@@ -491,7 +570,10 @@ class SourceAnchoredPtP:
         i = self.level(float(torch.as_tensor(sigma).flatten()[0]))
         self.control.begin_step(i - self.skip, self.sigmas.numel() - 1 - self.skip)
         x_src = self.ladder[i - self.skip].to(device=x.device, dtype=x.dtype)
-        return self.predict(x_src, x, sigma)[1]
+        d_s, d_t = self.predict(x_src, x, sigma)
+        if self.noise is not None:
+            self.noise.select(i, x_src, d_s)
+        return d_t
 
 
 def install_self_attention_hooks(unet, hooks, holder) -> list:

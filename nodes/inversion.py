@@ -285,6 +285,9 @@ def _replay(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     run = inv.sigmas[start:].to(sigmas.dtype).to(sigmas.device)
     x0 = inv.x_start.to(device=x.device, dtype=x.dtype)
     noises = None if inv.noises is None else inv.noises.to(device=x.device, dtype=x.dtype)
+    chosen = getattr(getattr(model, "inner_model", None), "photoops_noises", None)
+    if chosen is not None and inv.method == "eta":
+        noises = chosen                  # Eta noise chosen during the edit by the guider (Prompt-to-Prompt Guide)
     eta = inv.eta.to(device=x.device) if inv.eta is not None else 0.0
     bg = _lock(inv, lock, x.shape[-2:])
     if inv.method in FLOW_METHODS:

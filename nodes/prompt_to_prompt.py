@@ -9,9 +9,9 @@ lock: connect ``blend`` to its ``concept_masks`` (feather 0 = the paper's hard b
 
 Choices where the papers are silent [ours]: the source branch is anchored to the inversion for every
 inversion method (Eta spec §3 step 8; for DDIM this is Direct-Inversion-style anchoring); Eta
-Inversion's noise is the one Invert selected (with the inversion's CFG), stored in the INVERSION and
-shared by both branches, where the reference selects it during editing with the editing CFG — the two
-agree when Invert's ``source_cfg`` equals this guide's ``cfg``; step ranges count the steps that run
+Inversion's noise is chosen during the edit from the anchored source at this guide's CFG, as the
+reference does (``noise_selection="editing"``), or is the one Invert chose at its ``source_cfg``
+(``"inversion"``; the two agree when the CFGs are equal); both branches share it; step ranges count the steps that run
 (after Invert's skip); blend and reweight words are comma-separated and located with the CLIP tokenizer.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from comfy_api.latest import io
 from ..kernels import prompt_to_prompt as kptp
 from .checks import first_error
 from .comfy.models import ensure_supported
-from .comfy.prompt_to_prompt import PromptToPromptGuider, attach_control, prompt_tokens, word_positions
+from .comfy.prompt_to_prompt import NOISE_SELECTION, PromptToPromptGuider, attach_control, prompt_tokens, word_positions
 from .comfy.text import encode_text
 from .semantic_guide import MASKS
 
@@ -96,8 +96,8 @@ class PromptToPromptGuideNode(io.ComfyNode):
                                         "added (refine)."),
                 io.Conditioning.Input("negative", tooltip="Negative / unconditional prompt (usually empty)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG of both branches (paper 7.5). Eta: equal to Invert's source_cfg "
-                                       "reproduces the reference's noise choice exactly."),
+                               tooltip="CFG of both branches (paper 7.5); with noise_selection 'editing' also the CFG "
+                                       "the eta noise is chosen at."),
                 io.Combo.Input("mode", options=list(kptp.MODES), default="refine",
                                tooltip="replace: word swap, prompts with the same number of words. refine: words "
                                        "added or changed, tokens aligned (the Eta Inversion evaluation's default)."),
@@ -123,6 +123,11 @@ class PromptToPromptGuideNode(io.ComfyNode):
                                        "exceeds this (paper 0.3)."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="Local blend starts after this fraction of the steps (paper 0.2)."),
+                io.Combo.Input("noise_selection", options=list(NOISE_SELECTION), default="editing", optional=True,
+                               tooltip="Eta inversions only. editing (the paper's): choose the noise during the edit "
+                                       "from the source branch at this guide's cfg (one more row per step). "
+                                       "inversion: replay the noise Invert chose at its source_cfg (the same when "
+                                       "the two CFGs are equal)."),
             ],
             outputs=[io.Guider.Output(display_name="GUIDER", tooltip="Connect to SamplerCustomAdvanced, with the "
                                                                      "Inversion Sampler as SAMPLER."),
@@ -140,14 +145,14 @@ class PromptToPromptGuideNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, source_prompt, target_prompt, negative, cfg, mode, cross_replace, self_replace,
                 reweight_words="", reweight_value=2.0, blend_source_words="", blend_target_words="",
-                blend_threshold=0.3, blend_start=0.2) -> io.NodeOutput:
+                blend_threshold=0.3, blend_start=0.2, noise_selection="editing") -> io.NodeOutput:
         ensure_supported(model)
         control = build_control(clip, source_prompt, target_prompt, mode, cross_replace, self_replace,
                                 reweight_words, reweight_value, blend_source_words, blend_target_words,
                                 blend_threshold, blend_start)
         patched = attach_control(model, control)
         guider = PromptToPromptGuider(patched, encode_text(clip, target_prompt), negative,
-                                      encode_text(clip, source_prompt), cfg, control)
+                                      encode_text(clip, source_prompt), cfg, control, noise_selection)
         return io.NodeOutput(guider, control.blend)
 
 

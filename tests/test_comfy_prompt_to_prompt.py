@@ -111,6 +111,49 @@ def test_source_row_runs_on_the_anchored_ladder_in_one_call(env):
         assert abs(sigma - float(inv.sigmas[inv.skip + k])) < 1e-4 * sigma
 
 
+def _rows_seen(env, guider_kw, inv, steps=3):
+    """Sample with a spy on the MODEL: (output, [rows per call], source-row inputs ok)."""
+    seen = []
+    m = env["model"].clone()
+
+    def spy(apply_model, args):
+        seen.append((list(args["c"]["transformer_options"].get("photoops_rows")), args["input"].clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m.set_model_unet_function_wrapper(spy)
+    kw = {"cfg": 2.0, "mode": "refine", "cross_replace": 0.5, "self_replace": 0.6}
+    kw.update(guider_kw)
+    g = nptp.PromptToPromptGuideNode.execute(m, env["clip"], SRC, TGT, env["neg"], **kw).result[0]
+    out = _sample(env, g, ninv.InversionSamplerNode.execute(inv).result[0], steps=steps)
+    return out, seen, g
+
+
+def test_eta_noise_chosen_while_editing_at_the_editing_cfg(env):
+    """noise_selection 'editing' (the reference's): on an eta inversion each call adds the source's negative
+    row on the anchored latent (4 rows; 3 on a ddpm inversion, where the noise is stored), and the noise is
+    chosen from the source at the guide's CFG.  With Invert's CFG equal to the guide's the choice is Invert's
+    (same result as 'inversion'); with Invert at CFG 1 and the guide at 2 (the paper's kind of setting) the
+    two differ (store_optimal_noise: the optimal noise itself, so any change of CFG shows)."""
+    inv = _invert(env, "eta", cfg=2.0, steps=3, store_optimal_noise=True)
+    out_e, seen, g = _rows_seen(env, {"noise_selection": "editing"}, inv)
+    out_i, seen_i, _ = _rows_seen(env, {"noise_selection": "inversion"}, inv)
+    assert [sorted(r) for r, _ in seen] == [[0, 1, 2, 3]] * inv.steps
+    assert [sorted(r) for r, _ in seen_i] == [[0, 1, 2]] * inv.steps
+    for k, (rows, x) in enumerate(seen):                             # both source rows on the source ladder
+        for r in (2, 3):
+            c = rows.index(r)
+            assert torch.allclose(x[c:c + 1], inv.source_ladder[k], atol=1e-6)
+    chosen = torch.stack([g.photoops_noises[i] for i in range(inv.steps)])
+    active = inv.eta.flatten(1).amax(1) > 0 if inv.eta.ndim > 1 else inv.eta > 0
+    assert bool(active.any())
+    assert _rel(chosen[active], inv.noises[active]) < 1e-4            # equal CFGs: Invert's optimal noise
+    assert _rel(out_e, out_i) < 1e-4
+    inv1 = _invert(env, "eta", cfg=1.0, steps=3, store_optimal_noise=True)
+    out_e1, _, _ = _rows_seen(env, {"noise_selection": "editing"}, inv1)
+    out_i1, _, _ = _rows_seen(env, {"noise_selection": "inversion"}, inv1)
+    assert torch.isfinite(out_e1).all() and _rel(out_e1, out_i1) > 1e-3
+
+
 def test_blend_keeps_the_source_outside_and_model_is_untouched(env):
     model = env["model"]
     before = repr(model.model_options)

@@ -291,17 +291,18 @@ def _plain_attention(unet):
     unet.set_attn_processor(AttnProcessor2_0())
 
 
-def reference_edit(s):
-    """The reference algorithm (VP form): DDIM inversion, then the Eta+PtP backward pass."""
+def reference_edit(s, inv_cfg=CFG, k=K):
+    """The reference algorithm (VP form): DDIM inversion (at ``inv_cfg``), then the Eta+PtP backward pass
+    (at CFG), the noise selected from the anchored source branch of the editing batch."""
     unet, ab = s["unet"], s["ab"]
     ts = s["ts"]
     a = lambda t: ab[t] if t >= 0 else ab[0]
     ctx2 = torch.cat([s["uncond"], s["c_src"]])
 
-    def eps(x, t, ctx):
+    def eps(x, t, ctx, w=CFG):
         out = unet(torch.cat([x] * 2).float(), t, encoder_hidden_states=ctx).sample.double()
         e_u, e_c = out.chunk(2)
-        return e_u + CFG * (e_c - e_u)
+        return e_u + w * (e_c - e_u)
 
     with torch.no_grad():
         _plain_attention(unet)
@@ -309,7 +310,7 @@ def reference_edit(s):
         up = list(reversed(ts))
         prev = [-99] + up[:-1]
         for t, t_prev in zip(up, prev):                                          # "sameshift" inversion
-            e = eps(lat[-1], t, ctx2)
+            e = eps(lat[-1], t, ctx2, inv_cfg)
             x0 = (lat[-1] - math.sqrt(1 - a(t_prev)) * e) / math.sqrt(a(t_prev))
             lat.append(math.sqrt(ab[t]) * x0 + math.sqrt(1 - ab[t]) * e)
         n_layers = len(unet.attn_processors)
@@ -324,7 +325,7 @@ def reference_edit(s):
             x0 = (x - math.sqrt(1 - ab[t]) * e) / math.sqrt(ab[t])
             var = (1 - a(t_prev)) / (1 - ab[t]) * (1 - ab[t] / a(t_prev))
             eta_t = s["etas"][i]
-            cands = torch.randn((K, 1, 4, HW, HW), generator=gen).double()
+            cands = torch.randn((k, 1, 4, HW, HW), generator=gen).double()
             l_prev = lat[-(i + 2)]
             if eta_t > 0:
                 std = eta_t * math.sqrt(var)
@@ -341,7 +342,9 @@ def reference_edit(s):
     return x[1:] / math.sqrt(ab[0]), ctl.log, torch.stack(lat)
 
 
-def our_edit(s):
+def our_edit(s, inv_cfg=CFG, edit_time=False, k=K):
+    """Ours: Invert (DDIM ladder + Eta noise at ``inv_cfg``) and the anchored PtP replay at CFG; with
+    ``edit_time`` the noise is chosen during the replay (:class:`EditTimeNoise`) instead."""
     from photoops.kernels.inversion import BackgroundLock, ddim_invert, eta_inversion_noises, replay_sample
 
     unet = s["unet"]
@@ -351,12 +354,12 @@ def our_edit(s):
 
     def g_src(x, sig):
         d_u, d_c = plain.predict_x0(x, sig, [s["uncond"], ctx])
-        return d_u + CFG * (d_c - d_u)
+        return d_u + inv_cfg * (d_c - d_u)
 
     x0 = s["x0_vp"].float()                                                      # k-space at s_final: x_vp / sqrt(abar_0)
     with torch.no_grad():
         ladder = ddim_invert(g_src, x0, s["sig"])
-        noises, eta_maps = eta_inversion_noises(g_src, ladder, s["sig"], s["etas"], eta_mask=s["mask"], candidates=K,
+        noises, eta_maps = eta_inversion_noises(g_src, ladder, s["sig"], s["etas"], eta_mask=s["mask"], candidates=k,
                                                 generator=torch.Generator().manual_seed(SEED))
         blend = kp.LocalBlend(*s["blend"], threshold=BLEND_TH, start=0.2)
         control = kp.PromptToPromptControl("refine", kp.refinement_mapper(s["src_ids"], s["tgt_ids"], 77), 77,
@@ -366,11 +369,15 @@ def our_edit(s):
         den = s["Den"](unet, s["sched"], hooks=control.cross_hooks)
         kp.install_self_attention_hooks(unet, control.self_hooks, den.holder)
         src_ladder = ladder.flip(0)                                              # levels sigmas[0..N]
+        chooser = kp.EditTimeNoise(src_ladder, s["sig"], s["etas"], 0, k, SEED) if edit_time else None
         anchored = kp.SourceAnchoredPtP(
             lambda xs, xt, sg: kp.ptp_predict(den, xs, xt, sg, s["c_src"], s["c_tgt"], s["uncond"], CFG),
-            control, src_ladder, s["sig"])
+            control, src_ladder, s["sig"], noise=chooser)
         lock = BackgroundLock(src_ladder, lambda i: blend.mask(x0.shape[-2:]))
-        out = replay_sample(anchored, ladder[-1], s["sig"], noises=noises, eta=eta_maps, lock=lock)
+        out = replay_sample(anchored, ladder[-1], s["sig"], noises=chooser if edit_time else noises, eta=eta_maps,
+                            lock=lock)
+        if edit_time:
+            s["_chosen"], s["_stored"] = torch.stack([chooser[i] for i in range(len(chooser))]), noises
     _plain_attention(unet)
     _ = blend.mask(x0.shape[-2:])
     return out, control.maps_log, ladder, float(_.mean())
@@ -407,3 +414,30 @@ def test_eta_ptp_edit_equals_the_reference(setup):
     assert rel < 1e-4
     # the edit did something: far from the source reconstruction and inside the blend only
     assert float((out.double() - ladder[0].double()).norm() / ladder[0].double().norm()) > 1e-2
+
+
+def test_edit_time_noise_equals_invert_choice_when_the_cfgs_agree(setup):
+    """Same CFG at inversion and editing: the noise chosen during the replay is Invert's, bit for bit (the
+    same candidate stream, the same anchored prediction of the source), and so is the edit."""
+    out_inv, *_ = our_edit(setup)
+    out_edit, *_ = our_edit(setup, edit_time=True)
+    assert torch.equal(setup["_chosen"], setup["_stored"])
+    assert torch.equal(out_edit, out_inv)
+
+
+def test_eta_ptp_with_inversion_cfg_1_equals_the_reference(setup):
+    """The paper's setting — invert at CFG 1, edit at another CFG (here 2): the reference chooses the noise
+    during editing from the anchored source at the EDITING CFG; so does :class:`EditTimeNoise`.  Same
+    tolerances as above (same computation, float32 vs float64 rounding).  K = 1000 candidates: with 10 the
+    nearest candidate is the same for both CFGs on this random UNet (config A has eta > 0 on 3 of the 10
+    steps), so the test could not tell the two choices apart; with 1000 choosing at inversion time (Invert's
+    stored noise, at CFG 1) picks other candidates and is caught (latent 1.4e-2 away, > 100x the tolerance)."""
+    ref_out, ref_log, _ = reference_edit(setup, inv_cfg=1.0, k=1000)
+    out, log, _, _ = our_edit(setup, inv_cfg=1.0, edit_time=True, k=1000)
+    stored, _, _, _ = our_edit(setup, inv_cfg=1.0, k=1000)
+    map_err = max(float((m[0].double() - r.double()).abs().max()) for (_, st, m), (rst, r) in zip(log, ref_log))
+    rel = float((out.double() - ref_out).norm() / ref_out.norm())
+    rel_stored = float((stored.double() - ref_out).norm() / ref_out.norm())
+    print(f"\nedit-time noise: maps {map_err:.2e}, latent {rel:.2e}; inversion-time noise: latent {rel_stored:.2e}")
+    assert map_err < 2e-5 and rel < 1e-4
+    assert rel_stored > 1e-2

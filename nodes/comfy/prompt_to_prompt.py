@@ -10,9 +10,15 @@ is anchored to the inversion (Eta Inversion spec §3 step 8): at step ``i`` its 
 source ladder at ``sigmas[i]``, whatever the inversion method (ddim, ddpm, eta, dpmpp_2m_sde), so the
 guider carries no source state, and the target is stepped by the Inversion Sampler with the inversion's
 stored (ddpm) or selected (eta) noise — the noise the anchored source would have received, shared.
-The source's negative row is not evaluated (the reference computes it): with the source anchored and the
-eta noise chosen at inversion its prediction is never used; the source's prompt row is there for its
-attention only.
+
+Eta noise, ``noise_selection``: ``"editing"`` (the reference's) chooses it during the edit from the
+anchored source's prediction at the EDITING CFG (:class:`~...kernels.prompt_to_prompt.EditTimeNoise`,
+offered to the Inversion Sampler as the guider's ``photoops_noises``), which needs the source's negative
+row too — 4 rows per call instead of 3, only on an eta inversion; ``"inversion"`` replays the noise
+Invert chose at its own CFG (equal when the two CFGs are, cheaper).  Otherwise the source's negative row
+is not evaluated: with the source anchored its prediction is never used; the source's prompt row is
+there for its attention only.  The source's CFG is the plain ``D_u + w (D_c - D_u)`` (the MODEL's
+``sampler_cfg_function`` applies to the target only) [ours].
 """
 from __future__ import annotations
 
@@ -21,12 +27,14 @@ import math
 import torch
 
 from ...kernels.inversion_state import Inversion
-from ...kernels.prompt_to_prompt import PromptToPromptError
+from ...kernels.prompt_to_prompt import EditTimeNoise, PromptToPromptError
 from .attention import PhotoOpsAttn2Replace, attach_attention_hooks, cross_attention_layers
 from .sampling import ROWS_KEY, CombineGuider
 from .text import _real_tokens, _sub_tokenizer, tokenize_word
 
 SOURCE_KEY = "source"
+SOURCE_NEG_KEY = "source_negative"
+NOISE_SELECTION = ("editing", "inversion")
 
 
 def attach_control(model, control):
@@ -66,14 +74,14 @@ def word_positions(clip, text: str, words: str, what: str) -> list:
     return out
 
 
-def _swap_wrapper(source_index: int, box: dict, previous):
-    """``model_function_wrapper``: the chunks of the source conditioning get the source latent."""
+def _swap_wrapper(source_indices, box: dict, previous):
+    """``model_function_wrapper``: the chunks of the source conditionings get the source latent."""
 
     def wrapper(apply_model, args):
         opts = args["c"].get("transformer_options", {})
         rows = list(opts.get(ROWS_KEY) or args["cond_or_uncond"])
         x = args["input"]
-        if source_index in rows:
+        if any(r in source_indices for r in rows):
             per = x.shape[0] // len(rows)
             x_src = box["x_src"]
             if tuple(x_src.shape[1:]) != tuple(x.shape[1:]) or per % x_src.shape[0]:
@@ -81,7 +89,7 @@ def _swap_wrapper(source_index: int, box: dict, previous):
                                           f"{tuple(x.shape)} (area conditioning is not supported)")
             x = x.clone()
             for c, r in enumerate(rows):
-                if r == source_index:
+                if r in source_indices:
                     x[c * per:(c + 1) * per] = x_src.to(x).repeat(per // x_src.shape[0], 1, 1, 1)
             args = {**args, "input": x}
         if previous is not None:
@@ -96,11 +104,14 @@ class PromptToPromptGuider(CombineGuider):
     evaluated in the same call on the anchored source latent.  Needs the Inversion Sampler (it reads
     the INVERSION from the SAMPLER it is run with)."""
 
-    def __init__(self, model_patcher, target, negative, source, cfg: float, control):
-        self.control = control
-        self.box = {}
-        super().__init__(model_patcher, {"positive": target, "negative": negative, SOURCE_KEY: source},
-                         ["positive", "negative", SOURCE_KEY], self._combine, cfg, on_run_start=self._start)
+    def __init__(self, model_patcher, target, negative, source, cfg: float, control, noise_selection="editing"):
+        if noise_selection not in NOISE_SELECTION:
+            raise PromptToPromptError(f"noise_selection must be one of {NOISE_SELECTION}, got {noise_selection!r}")
+        self.control, self.noise_selection = control, noise_selection
+        self.box, self.photoops_noises = {}, None
+        self._conds = {"positive": target, "negative": negative, SOURCE_KEY: source}
+        super().__init__(model_patcher, dict(self._conds), ["positive", "negative", SOURCE_KEY], self._combine, cfg,
+                         on_run_start=self._start)
 
     def _start(self, sigmas, sampler):
         inv = (getattr(sampler, "extra_options", None) or {}).get("inversion")
@@ -112,8 +123,30 @@ class PromptToPromptGuider(CombineGuider):
                                       "the photo again")
         self.box = {"inv": inv, "sigmas": inv.sigmas.double().cpu()}
         self.control.reset()
+        self.photoops_noises = None
+        order = ["positive", "negative", SOURCE_KEY]
+        if inv.method == "eta" and self.noise_selection == "editing" and inv.noises is not None:
+            eta = inv.eta.float()
+            per_step = eta if eta.ndim == 1 else eta.flatten(1).amax(1)     # binary region masks: the scalar eta
+            self.photoops_noises = EditTimeNoise(inv.source_ladder, inv.sigmas, per_step, inv.skip,
+                                                 int(inv.info.get("candidates", 10)), inv.seed,
+                                                 bool(inv.info.get("store_optimal_noise", False)))
+            order.append(SOURCE_NEG_KEY)
+        self.set_rows(order)
+
+    def set_rows(self, order):
+        """The conditionings evaluated per call (the source's negative only for edit-time noise)."""
+        self.order = list(order)
+        self.flags = [1 if k in ("negative", SOURCE_NEG_KEY) else 0 for k in self.order]   # core CFG's uncond flag
+        conds = dict(self._conds)
+        if SOURCE_NEG_KEY in order:
+            conds[SOURCE_NEG_KEY] = self._conds["negative"]
+        self.inner_set_conds(conds)
 
     def _combine(self, x, sigma, outs, step, cfg_denoised=None):
+        if self.photoops_noises is not None:                        # the anchored source at the editing CFG
+            d_src = outs[3] + self.cfg * (outs[2] - outs[3])
+            self.photoops_noises.select(self.box["i"], self.box["x_src"], d_src)
         if cfg_denoised is not None:
             return cfg_denoised
         d_c, d_u = outs[0], outs[1]
@@ -126,10 +159,11 @@ class PromptToPromptGuider(CombineGuider):
         if not math.isclose(float(s[i]), sigma, rel_tol=1e-4, abs_tol=1e-7) or i < inv.skip:
             raise PromptToPromptError(f"sigma {sigma:.5g} is not a replayed step of the inversion")
         self.control.begin_step(i - inv.skip, inv.steps - inv.skip)
+        self.box["i"] = i
         self.box["x_src"] = inv.source_ladder[i - inv.skip].to(device=x.device, dtype=x.dtype)
         if self.box["x_src"].shape != x.shape:
             raise PromptToPromptError(f"the latent {tuple(x.shape)} is not the inversion's {inv.latent_shape}")
         opts = dict(model_options)
-        opts["model_function_wrapper"] = _swap_wrapper(self.order.index(SOURCE_KEY), self.box,
-                                                       model_options.get("model_function_wrapper"))
+        sources = {self.order.index(k) for k in (SOURCE_KEY, SOURCE_NEG_KEY) if k in self.order}
+        opts["model_function_wrapper"] = _swap_wrapper(sources, self.box, model_options.get("model_function_wrapper"))
         return super().predict_noise(x, timestep, opts, seed)
