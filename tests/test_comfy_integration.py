@@ -10,7 +10,8 @@ tools/install_comfyui_deps.sh); otherwise every test is skipped with the reason.
   via POST /prompt, polled on /history until done, must finish without error, and
   each image its SaveImage/PreviewImage nodes declare is fetched via /view and is a
   valid PNG; files needing a third-party pack (comfy_harness/third_party.py) are left
-  to tests/test_comfy_ipadapter.py;
+  to tests/test_comfy_ipadapter.py, the SD3.5 / Flux files (``overrides.needs_flow_fixtures``) to
+  tests/test_comfy_flow_workflows.py (its server has their fixtures and text-encoder stub);
 * GET /workflow_templates (the template browser's list) names every shipped
   workflows/*.json under the pack's folder "photoops", and each is served unchanged;
 * inversion_reconstruct.json reconstructs its input: its output equals the VAE decode of
@@ -34,7 +35,7 @@ if _TESTS not in sys.path:  # conftest normally does this; keep the module runna
 from comfy_harness import pytest_fixtures as _fx
 from comfy_harness import third_party
 from comfy_harness.convert import ConversionError, ui_to_api
-from comfy_harness.overrides import apply_overrides
+from comfy_harness.overrides import apply_overrides, needs_flow_fixtures
 
 # Fixtures shared with other modules (pytest finds them as module attributes).
 require_comfyui = _fx.require_comfyui
@@ -54,6 +55,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _workflow_files():
     # files needing a third-party pack (tests/comfy_harness/third_party.py) run in test_comfy_ipadapter.py
     shipped = third_party.core_only(sorted((ROOT / "workflows").glob("*.json")))
+    # SD3.5 / Flux files run in tests/test_comfy_flow_workflows.py (flow fixtures + text-encoder stub)
+    shipped = [p for p in shipped if not needs_flow_fixtures(json.loads(p.read_text()))]
     harness = sorted(HARNESS_GRAPHS.glob("core_*.json"))
     return [pytest.param(p, id=f"{p.parent.name}/{p.name}") for p in shipped + harness]
 

@@ -32,8 +32,13 @@ from comfy_harness import overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-MODEL_INPUTS = {"CheckpointLoaderSimple": 0, "CLIPVisionLoader": 0, "IPAdapterModelLoader": 0,
-                "PhotoOps_PopsOperatorLoader": 0, "UNETLoader": 0, "VAELoader": 0, "LoraLoader": 0}
+#: loader -> the widgets that name model files
+MODEL_INPUTS = {"CheckpointLoaderSimple": (0,), "CLIPVisionLoader": (0,), "IPAdapterModelLoader": (0,),
+                "PhotoOps_PopsOperatorLoader": (0,), "UNETLoader": (0,), "VAELoader": (0,), "LoraLoader": (0,),
+                "CLIPLoader": (0,), "DualCLIPLoader": (0, 1), "TripleCLIPLoader": (0, 1, 2)}
+MODEL_DIRS = ("checkpoints", "clip_vision", "ipadapter", "pops", "text_encoders", "diffusion_models", "vae")
+#: models whose native size is 1024 (SDXL, SD3.5, Flux); SD1.5 512
+LARGE_MODELS = {"sd_xl_base_1.0.safetensors", "sd3.5_medium.safetensors", "flux1-dev.safetensors"}
 TITLE_H = 30
 
 
@@ -57,22 +62,23 @@ def test_models_are_real_files_with_download_metadata(path):
                 f"{path.name}: node {n['id']} {n['type']} names the test fixture {v!r}")
         if n["type"] not in MODEL_INPUTS:
             continue
-        file = n["widgets_values"][MODEL_INPUTS[n["type"]]]
-        assert file in overrides.USER_FILES, (
-            f"{path.name}: {n['type']} names {file!r}, which the override table does not map to a fixture")
         models = n.get("properties", {}).get("models") or []
-        assert file in [m.get("name") for m in models], f"{path.name}: node {n['id']} has no download entry for {file}"
+        for i in MODEL_INPUTS[n["type"]]:
+            file = n["widgets_values"][i]
+            assert file in overrides.USER_FILES, (
+                f"{path.name}: {n['type']} names {file!r}, which the override table does not map to a fixture")
+            assert file in [m.get("name") for m in models], (
+                f"{path.name}: node {n['id']} has no download entry for {file}")
         for m in models:
             assert set(m) >= {"name", "url", "directory"}, m
             assert m["url"].startswith("https://huggingface.co/") and m["url"].rsplit("/", 1)[-1], m
-            assert m["directory"] in ("checkpoints", "clip_vision", "ipadapter", "pops"), m
+            assert m["directory"] in MODEL_DIRS, m
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=_ids)
 def test_paper_scale_steps_and_sizes(path):
     wf = json.loads(path.read_text())
-    sdxl = any(m["name"] == "sd_xl_base_1.0.safetensors" for n in wf["nodes"]
-               for m in n.get("properties", {}).get("models") or [])
+    large = any(m["name"] in LARGE_MODELS for n in wf["nodes"] for m in n.get("properties", {}).get("models") or [])
     for n in wf["nodes"]:
         wv = n.get("widgets_values") or []
         if n["type"] == "BasicScheduler":
@@ -80,9 +86,11 @@ def test_paper_scale_steps_and_sizes(path):
         if n["type"] == "KSampler":
             assert wv[2] >= 20, (path.name, n["id"], wv)
         if n["type"] == "EmptyLatentImage":
-            assert min(wv[:2]) >= (1024 if sdxl else 512), (path.name, n["id"], wv)
+            assert min(wv[:2]) >= (1024 if large else 512), (path.name, n["id"], wv)
         if n["type"] == "ImageScale":
-            assert wv[1] == wv[2] == 512, (path.name, n["id"], wv)
+            assert wv[1] == wv[2] == (1024 if large else 512), (path.name, n["id"], wv)
+        if n["type"] == "PhotoOps_FlowEditSampler":
+            assert wv[0] >= 20, (path.name, n["id"], wv)
         if n["type"] == "PhotoOps_ConceptLearn":
             assert wv[2] >= 400 and wv[7] == 512, wv
         if n["type"] == "PhotoOps_InstructionLearn":
@@ -161,6 +169,19 @@ def test_override_table_rules():
               "inputs": {"operator_file": "scene/learned_prior.pth", "statistics": "kandinsky-2-2-prior.safetensors"}},
         "9": {"class_type": "BasicScheduler", "inputs": {"steps": 35}},
         "10": {"class_type": "PhotoOps_Invert", "inputs": {"sigmas": ["9", 0], "skip": 5}},
+        # Flux FlowEdit (issue 19): n_max / n_min scale with the scheduler of the SamplerCustomAdvanced
+        "11": {"class_type": "BasicScheduler", "inputs": {"steps": 28}},
+        "12": {"class_type": "PhotoOps_FlowEditSampler", "inputs": {"n_max": 24, "n_min": 7, "n_avg": 1}},
+        "13": {"class_type": "SamplerCustomAdvanced", "inputs": {"sampler": ["12", 0], "sigmas": ["11", 0]}},
+        "14": {"class_type": "SamplerCustomAdvanced", "inputs": {"sampler": ["12", 0], "sigmas": ["11", 0]}},
+        "15": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}},
+        "16": {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                            "clip_name2": "clip_g.safetensors",
+                                                            "clip_name3": "t5xxl_fp16.safetensors"}},
+        "17": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "18": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "19": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3.5_medium.safetensors"}},
     }
     before = copy.deepcopy(prompt)
     out = overrides.apply_overrides(prompt)
@@ -178,6 +199,14 @@ def test_override_table_rules():
         "steps": 3}, "a CI-sized step count must stay"
     assert out["8"]["inputs"] == {"operator_file": "photoops_tiny_scene.safetensors",
                                   "statistics": overrides.IN_FILE}
+    assert out["11"]["inputs"]["steps"] == 4
+    assert out["12"]["inputs"] == {"n_max": 3, "n_min": 1, "n_avg": 1}, "scaled once, not once per sampler node"
+    assert out["15"]["class_type"] == out["16"]["class_type"] == "PhotoOpsTest_FlowTextEncoders"
+    assert out["15"]["inputs"]["type"] == "flux" and out["15"]["inputs"]["clip_g"] == "none"
+    assert out["16"]["inputs"]["type"] == "sd3" and out["16"]["inputs"]["clip_g"].startswith(overrides.FIXTURE_PREFIX)
+    assert out["17"]["inputs"] == {"unet_name": "photoops_tiny_flux.safetensors", "weight_dtype": "default"}
+    assert out["18"]["inputs"]["vae_name"] == "photoops_tiny_vae16.safetensors"
+    assert out["19"]["inputs"]["ckpt_name"] == "photoops_tiny_sd35.safetensors"
 
 
 def test_every_model_of_the_generator_is_in_the_table():

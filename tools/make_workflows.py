@@ -2,7 +2,8 @@
 
 Run ``python tools/make_workflows.py``; the files are deterministic.  Each names the canonical model
 files (SD1.5 ``v1-5-pruned-emaonly-fp16``, SDXL ``sd_xl_base_1.0``, InstructPix2Pix, ``clip_vision_g``,
-the released pOps operators, ``ip-adapter_sdxl``) with the frontend's download metadata
+the released pOps operators, ``ip-adapter_sdxl``, SD3.5 Medium, FLUX.1-dev and their text
+encoders and VAE) with the frontend's download metadata
 (``properties.models``: name, url, directory, as ComfyUI's own templates carry it), edits one of the
 real photos of ``tools/make_photos.py`` and explains itself in a MarkdownNote; groups mark the stages.
 The tests run exactly these files, shrunk by the override table in ``tests/comfy_harness/overrides.py``.
@@ -38,8 +39,24 @@ POPS_SCENE = {"name": "scene/learned_prior.pth", "directory": "pops",
 KANDINSKY_PRIOR = {"name": "kandinsky-2-2-prior.safetensors", "directory": "pops",
                    "url": f"{HF}/kandinsky-community/kandinsky-2-2-prior/resolve/main/prior/"
                           "diffusion_pytorch_model.safetensors"}
+# SD3.5 and Flux (issue 19): the files ComfyUI's own SD3.5 / Flux examples use.  The stabilityai and
+# black-forest-labs repositories are gated (accept the licence on Hugging Face once); CLIP-L and T5-XXL are
+# the same files for both families, from comfyanonymous/flux_text_encoders.
+SD35_MEDIUM = {"name": "sd3.5_medium.safetensors", "directory": "checkpoints",
+               "url": f"{HF}/stabilityai/stable-diffusion-3.5-medium/resolve/main/sd3.5_medium.safetensors"}
+CLIP_L = {"name": "clip_l.safetensors", "directory": "text_encoders",
+          "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"}
+CLIP_G = {"name": "clip_g.safetensors", "directory": "text_encoders",
+          "url": f"{HF}/stabilityai/stable-diffusion-3.5-medium/resolve/main/text_encoders/clip_g.safetensors"}
+T5XXL = {"name": "t5xxl_fp16.safetensors", "directory": "text_encoders",
+         "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"}
+FLUX_DEV = {"name": "flux1-dev.safetensors", "directory": "diffusion_models",
+            "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"}
+FLUX_AE = {"name": "ae.safetensors", "directory": "vae",
+           "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"}
 #: every model a shipped workflow may name (tests check loaders against this list)
-ALL_MODELS = (SD15, SDXL, IP2P, CLIP_VISION_G, IPADAPTER_SDXL, POPS_TEXTURING, POPS_SCENE, KANDINSKY_PRIOR)
+ALL_MODELS = (SD15, SDXL, IP2P, CLIP_VISION_G, IPADAPTER_SDXL, POPS_TEXTURING, POPS_SCENE, KANDINSKY_PRIOR,
+              SD35_MEDIUM, CLIP_L, CLIP_G, T5XXL, FLUX_DEV, FLUX_AE)
 
 # ---- photos (tools/make_photos.py; sources and licences in the README) -----------------------------
 CAT, COFFEE, ROCKET, ASTRONAUT, BRICK = ("photoops_cat.jpg", "photoops_coffee.jpg", "photoops_rocket.jpg",
@@ -62,7 +79,9 @@ MULTILINE = {"CLIPTextEncode": {0}, "PhotoOps_AttentionCapture": {0}, "PhotoOps_
 WIDE = {"CLIPTextEncode": 420, "PhotoOps_ConceptLearn": 380, "PhotoOps_InstructionLearn": 380,
         "PhotoOps_Invert": 360, "PhotoOps_SemanticGuide": 340, "PhotoOps_AttentionCapture": 360,
         "PhotoOps_EtaSchedule": 340, "SamplerCustomAdvanced": 300, "VAEDecode": 220, "VAEEncode": 220,
-        "DisableNoise": 220, "ImageBatch": 220, "MaskToImage": 220, "PhotoOps_OperatorApply": 360}
+        "DisableNoise": 220, "ImageBatch": 220, "MaskToImage": 220, "PhotoOps_OperatorApply": 360,
+        "TripleCLIPLoader": 340, "DualCLIPLoader": 340, "UNETLoader": 340, "PhotoOps_FlowEditGuider": 320,
+        "PhotoOps_FlowEditSampler": 300, "ConditioningZeroOut": 260}
 
 
 def _size(type_, inputs, outputs, widgets) -> list:
@@ -399,7 +418,7 @@ def inversion_eta_edit() -> dict:
     ptp = g.node("PhotoOps_PromptToPromptGuide",
                  inputs=[("model", "MODEL"), ("clip", "CLIP"), ("negative", "CONDITIONING")],
                  outputs=[("GUIDER", "GUIDER"), ("blend", "PHOTOOPS_CONCEPT_MASKS")],
-                 widgets=[CAT_SOURCE, CAT_TARGET, 7.5, "refine", 0.4, 0.6, "fox", 2.0, "cat", "fox", 0.3, 0.2],
+                 widgets=[CAT_SOURCE, CAT_TARGET, 7.5, "refine", 0.4, 0.6, "fox", 2.0, "cat", "fox", 0.3, 0.2, "editing"],
                  title="Prompt-to-Prompt Guide: cat -> fox", size=(400, 520))
     g.link(ckpt, 0, ptp, "model")
     g.link(ckpt, 1, ptp, "clip")
@@ -764,6 +783,154 @@ def instructbrush_learn_apply() -> dict:
     return g.to_json()
 
 
+# ---- SD3.5 and Flux (issue 19) ------------------------------------------------------------------------
+GATED = ("The stabilityai and black-forest-labs files are gated: accept the model's licence on its Hugging Face page "
+         "(logged in) before the download works.")
+
+
+def _flow_photo_in(g: Graph, vae, vae_slot: int, photo: str, size: int = 1024):
+    img = load_image(g, photo, "Your photo")
+    sc = scale_image(g, img, size)
+    enc = g.node("VAEEncode", inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")])
+    g.link(sc, 0, enc, "pixels")
+    g.link(vae, vae_slot, enc, "vae")
+    return img, sc, enc
+
+
+def _sca(g: Graph, noise, guider, sampler, sched, latent, latent_slot: int):
+    n = g.node("SamplerCustomAdvanced", inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                                                ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+               outputs=[("output", "LATENT"), ("denoised_output", "LATENT")])
+    g.link(noise, 0, n, "noise")
+    g.link(guider, 0, n, "guider")
+    g.link(sampler, 0, n, "sampler")
+    g.link(sched, 0, n, "sigmas")
+    g.link(latent, latent_slot, n, "latent_image")
+    return n
+
+
+def sd35_inversion_edit() -> dict:
+    """SD3.5 Medium: flow noise-map inversion (spec rectified-flow.md §2.2: RF euler_ancestral, eta 1, the
+    'simple' list, final 0 -> sigma_min, skip as a fraction) with the source caption, replayed by the
+    Inversion Sampler in core SamplerCustomAdvanced with the target caption (caption swap), and the same
+    replay with the source caption and CFG (reconstruction).  No paper fixes these settings for SD3; we take
+    FlowEdit's SD3 ones (spec §2.4: T = 50, n_max = 33 -> skip 17, source CFG 3.5, target CFG 13.5)."""
+    g = Graph()
+    note = g.note(md("SD3.5: edit a photo by changing its caption (flow noise maps)",
+                     "Edit-friendly noise-map inversion on a rectified-flow model: Invert (`flow_noise_maps`) "
+                     "stores one noise map per step of ComfyUI's RF `euler_ancestral` sampler (eta 1), so that "
+                     "replaying them returns the photo exactly; the Inversion Sampler replays them in core "
+                     "SamplerCustomAdvanced. With the **target** caption the saucer turns from red to blue "
+                     "(group 3); with the **source** caption and the same CFG the photo comes back (group 4: the "
+                     "check that the wiring is right). Settings (FlowEdit's for SD3): 50 steps, skip 17, source "
+                     "CFG 3.5, target CFG 13.5, 1024x1024, the model's own shift 3.",
+                     [SD35_MEDIUM, CLIP_L, CLIP_G, T5XXL],
+                     ["**skip** on Invert: more keeps more of the photo's structure (17 of 50).",
+                      "**cfg** on the target CFGGuider: the strength of the edit (13.5; 7-15).",
+                      ("**Target caption**: change only the words of the edit. Keep the SIGMAS shared by Invert "
+                       "and both samplers.")], COFFEE,
+                     extra=GATED + " `sd3.5_large.safetensors` works the same (Load Checkpoint)."),
+                  height=620)
+    ckpt = checkpoint(g, SD35_MEDIUM, "SD3.5 Medium")
+    tclip = g.node("TripleCLIPLoader", outputs=[("CLIP", "CLIP")],
+                   widgets=[CLIP_L["name"], CLIP_G["name"], T5XXL["name"]], title="SD3.5 text encoders",
+                   models=[CLIP_L, CLIP_G, T5XXL])
+    img, sc, enc = _flow_photo_in(g, ckpt, 2, COFFEE)
+    src = text(g, tclip, COFFEE_SOURCE, "Source caption (describes the photo)", slot=0)
+    tgt = text(g, tclip, COFFEE_TARGET, "Target caption (the edit)", slot=0)
+    neg = text(g, tclip, "", "Negative prompt (empty)", slot=0)
+    sched = _scheduler(g, ckpt, "simple", 50)
+    inv = _invert(g, (ckpt, 0), src, neg, enc, sched, "flow_noise_maps", 17, 3.5)
+    guider = _cfg_guider(g, ckpt, tgt, neg, 13.5, "Target caption, CFG 13.5")
+    smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION"), ("lock_mask", "MASK"),
+                                                      ("concept_masks", "PHOTOOPS_CONCEPT_MASKS")],
+                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25, 0.9, 0.0, 0.38])
+    g.link(inv, 0, smp, "inversion")
+    noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")])
+    sca = _sca(g, noise, guider, smp, sched, inv, 1)
+    dec = decode(g, sca, ckpt)
+    save = save_image(g, dec, "photoops_sd35_edit", "Edited")
+    rguider = _cfg_guider(g, ckpt, src, neg, 3.5, "Source caption, same CFG 3.5")
+    rsca = _sca(g, noise, rguider, smp, sched, inv, 1)
+    rdec = decode(g, rsca, ckpt)
+    rsave = save_image(g, rdec, "photoops_sd35_reconstruction", "Reconstruction (= the photo)")
+    g.layout(note, [("1. Photo, models and captions", [[ckpt, tclip, img], [sc, enc], [src, tgt, neg]]),
+                    ("2. Invert with the source caption", [[sched, inv]]),
+                    ("3. Replay with the target caption", [[guider, smp, noise], [sca, dec], [save]]),
+                    ("4. Replay with the source caption: the photo back", [[rguider], [rsca, rdec], [rsave]])])
+    return g.to_json()
+
+
+FLUX_SOURCE = "a close-up photo of a cat"
+FLUX_TARGET = "a close-up photo of a fox"
+
+
+def flux_flowedit() -> dict:
+    """FLUX.1-dev: FlowEdit (spec rectified-flow.md §2.4, FLUX_exp.yaml): 28 steps, n_max 24, n_min 0, n_avg 1,
+    no CFG (1 on both branches), the distilled guidance embed 1.5 on the source and 5.5 on the target
+    (FluxGuidance), seed 10.  The default Flux shift (mu 1.15) is the paper's dynamic shift at 1024x1024."""
+    g = Graph()
+    note = g.note(md("Flux: FlowEdit, from one caption to another",
+                     "FlowEdit (Kulikov et al. 2024): no inversion. At each step the photo is noised afresh and the "
+                     "edit moves along the difference of the target and source velocities, so what both captions "
+                     "share stays as in the photo: here the cat becomes a fox. The paper's FLUX.1-dev settings: 28 "
+                     "steps, edit during the last 24 (n_max), guidance 1.5 on the source and 5.5 on the target "
+                     "(FluxGuidance; FlowEdit Guider CFG 1 on both: Flux-dev has no real CFG), seed 10, "
+                     "1024x1024. With the target caption equal to the source (and the same guidance) the output "
+                     "is the photo.",
+                     [FLUX_DEV, CLIP_L, T5XXL, FLUX_AE],
+                     [("**n_max** on FlowEdit Sampler: more = a stronger edit, less of the photo's structure "
+                       "(24 of 28; keep it below the steps)."),
+                      "**guidance** on the target FluxGuidance: the strength of the edit (5.5).",
+                      "**Target caption**: say what changes, keep the rest of the source caption."], CAT,
+                     extra=GATED + " The Flux shift is the model's default (the paper's at 1024x1024); add "
+                                   "ModelSamplingFlux for other sizes."),
+                  height=620)
+    unet = g.node("UNETLoader", outputs=[("MODEL", "MODEL")], widgets=[FLUX_DEV["name"], "default"],
+                  title="FLUX.1-dev", models=[FLUX_DEV])
+    dclip = g.node("DualCLIPLoader", outputs=[("CLIP", "CLIP")],
+                   widgets=[CLIP_L["name"], T5XXL["name"], "flux", "default"], title="Flux text encoders",
+                   models=[CLIP_L, T5XXL])
+    vae = g.node("VAELoader", outputs=[("VAE", "VAE")], widgets=[FLUX_AE["name"]], title="Flux VAE",
+                 models=[FLUX_AE])
+    img, sc, enc = _flow_photo_in(g, vae, 0, CAT)
+    src = text(g, dclip, FLUX_SOURCE, "Source caption (describes the photo)", slot=0)
+    tgt = text(g, dclip, FLUX_TARGET, "Target caption (the edit)", slot=0)
+
+    def guidance(cond, value, title):
+        n = g.node("FluxGuidance", inputs=[("conditioning", "CONDITIONING")],
+                   outputs=[("CONDITIONING", "CONDITIONING")], widgets=[value], title=title)
+        g.link(cond, 0, n, "conditioning")
+        return n
+
+    gsrc = guidance(src, 1.5, "Source guidance 1.5")
+    gtgt = guidance(tgt, 5.5, "Target guidance 5.5")
+    zero = g.node("ConditioningZeroOut", inputs=[("conditioning", "CONDITIONING")],
+                  outputs=[("CONDITIONING", "CONDITIONING")], title="Negative (unused at CFG 1)")
+    g.link(src, 0, zero, "conditioning")
+    sched = _scheduler(g, unet, "simple", 28)
+    guider = g.node("PhotoOps_FlowEditGuider",
+                    inputs=[("model", "MODEL"), ("source_positive", "CONDITIONING"),
+                            ("source_negative", "CONDITIONING"), ("target_positive", "CONDITIONING"),
+                            ("target_negative", "CONDITIONING")],
+                    outputs=[("GUIDER", "GUIDER")], widgets=[1.0, 1.0], title="FlowEdit Guider (CFG 1 / 1)")
+    g.link(unet, 0, guider, "model")
+    g.link(gsrc, 0, guider, "source_positive")
+    g.link(zero, 0, guider, "source_negative")
+    g.link(gtgt, 0, guider, "target_positive")
+    g.link(zero, 0, guider, "target_negative")
+    fes = g.node("PhotoOps_FlowEditSampler", outputs=[("SAMPLER", "SAMPLER")], widgets=[24, 0, 1, 10, "fixed"],
+                 title="FlowEdit Sampler (n_max 24 of 28)")
+    noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")])
+    sca = _sca(g, noise, guider, fes, sched, enc, 0)
+    dec = decode(g, sca, vae, vae_slot=0)
+    save = save_image(g, dec, "photoops_flux_flowedit", "Edited")
+    g.layout(note, [("1. Models, photo and captions", [[unet, dclip, vae], [img, sc, enc], [src, tgt],
+                                                       [gsrc, gtgt, zero]]),
+                    ("2. FlowEdit", [[sched, guider, fes, noise], [sca, dec], [save]])])
+    return g.to_json()
+
+
 WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json": inversion_reconstruct,
              "inversion_ddpm_edit.json": inversion_ddpm_edit, "inversion_eta_edit.json": inversion_eta_edit,
              "ledits_edit.json": ledits_edit, "ledits_pp_edit.json": ledits_pp_edit,
@@ -773,7 +940,9 @@ WORKFLOWS = {"attention_mask.json": attention_mask, "inversion_reconstruct.json"
              # tests/comfy_harness/third_party.py (tests/test_comfy_ipadapter.py runs it).
              "pops_texturing_sdxl.json": pops_texturing_sdxl, "pops_chain_sdxl.json": pops_chain_sdxl,
              "pops_ipadapter_sdxl.json": pops_ipadapter_sdxl,
-             "instructbrush_learn_apply.json": instructbrush_learn_apply}
+             "instructbrush_learn_apply.json": instructbrush_learn_apply,
+             # SD3.5 / Flux (issue 19): tests/test_comfy_flow_workflows.py runs them (tiny flow fixtures)
+             "sd35_inversion_edit.json": sd35_inversion_edit, "flux_flowedit.json": flux_flowedit}
 
 
 def main():
