@@ -33,6 +33,20 @@ guard).  ``w`` and ``s_e`` are not coupled: with ``require_cfg_for_sega=True`` a
 ``w <= 1`` the reference pipeline skips guidance altogether and returns the target
 prediction alone (§2.1 step 6); that is offered, off by default.
 
+Other parameterisations (rectified flow, spec ``rectified-flow.md`` §4.1): at fixed ``(x, s)`` eps, v and the
+denoised ``D`` are affine images of each other with scalar coefficients, so (S1)-(S5), (S8) and (S9)
+give the same result in any of them (percentile masks are invariant to a per-step scalar); only the
+momentum (S6)-(S7), which sums guidance across steps, is not.  :meth:`SemanticGuidance.guide` therefore
+takes ``unit``: the factor that turns a difference of its inputs into an eps difference
+(``e_c - e_u = unit * (in_c - in_u)``; 1 for eps inputs, ``-(1-s)/s`` for flow ``D`` inputs).  The
+momentum ``nu`` is kept in eps units [spec §4.1's choice, so SD's ``s_m`` / ``beta_m`` keep their meaning]::
+
+    g_all = sum_c w_c gamma_c + s_m nu / unit           (input units)             (S6')
+    nu   := beta_m nu + (1 - beta_m) unit g_all          (eps units)               (S7')
+
+At ``unit = 0`` (flow ``s = 1``: eps = x whatever D is, so no eps guidance can act) the step is guided
+without momentum and ``nu`` is left unchanged [ours].
+
 LEDITS++ (Brack et al. CVPR 2024, 2311.16711; §4.4), per concept, no target CFG, no momentum::
 
     psi_c  = (-1 if reverse_c else 1) * s_e,c * (e_c - e_u)                      (L1)
@@ -187,12 +201,15 @@ class SemanticGuidance:
         self.last_guidance = None
         self.last_active = []
 
-    def guide(self, e_u: torch.Tensor, e_t: Optional[torch.Tensor], e_cs, step: int, cfg: float) -> torch.Tensor:
+    def guide(self, e_u: torch.Tensor, e_t: Optional[torch.Tensor], e_cs, step: int, cfg: float,
+              unit: float = 1.0) -> torch.Tensor:
         """Guided eps (S9) at step ``step`` (0-based) for target CFG scale ``cfg`` (``w``).
 
         ``e_t=None`` drops the target term (S1) ("pure SEGA"); ``e_cs`` is a list of
         ``[B, C, H, W]`` concept predictions, one per concept, or a stacked ``[K, B, C, H, W]``.
+        ``unit``: inputs in another parameterisation (S6')-(S7') (the result is then in the inputs' units).
         """
+        unit = float(unit)
         e_cs = _stack(e_cs, e_u)
         if e_cs.shape[0] != len(self.concepts):
             raise ValueError(f"{e_cs.shape[0]} concept predictions for {len(self.concepts)} concepts")
@@ -229,8 +246,12 @@ class SemanticGuidance:
                               torch.zeros_like(w_a))                            # NaN guard
             g_sem = torch.einsum("cb,cbijk->bijk", w_a, gammas.index_select(0, idx))
         g_all = torch.einsum("cb,cbijk->bijk", weights, gammas)                 # (S6)
-        g_all = g_all + self.momentum_scale * self.momentum
-        self.momentum = self.momentum_beta * self.momentum + (1 - self.momentum_beta) * g_all   # (S7)
+        if unit == 1.0:
+            g_all = g_all + self.momentum_scale * self.momentum
+            self.momentum = self.momentum_beta * self.momentum + (1 - self.momentum_beta) * g_all   # (S7)
+        elif unit != 0.0:                                                       # (S6')-(S7'): nu in eps units
+            g_all = g_all + self.momentum_scale * self.momentum / unit
+            self.momentum = self.momentum_beta * self.momentum + (1 - self.momentum_beta) * unit * g_all
         if len(active) == K:
             g_sem = g_all
         self.last_active = active

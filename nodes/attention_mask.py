@@ -15,6 +15,8 @@ from comfy_api.latest import io
 from ..kernels import maps as kmaps
 from ..kernels.attention import AttentionHooks, TokenMapRecorder
 from .comfy.attention import ContextWatch, attach_attention_hooks, watch_context
+from .comfy.flow import is_flow
+from .comfy.flow_attention import attach_joint_capture, flow_word_positions, make_recorder
 from .comfy.models import ensure_supported
 from .comfy.sampling import progress_text
 from .comfy.text import text_condition, tokenize_word
@@ -22,7 +24,7 @@ from .comfy.text import text_condition, tokenize_word
 LOG = logging.getLogger("photoops.attention")
 
 CAPTURE = io.Custom("PHOTOOPS_ATTENTION_CAPTURE")
-VAE_FACTOR = 8  # SD1.x / SD2.x / SDXL VAEs; other families are refused by ensure_supported
+VAE_FACTOR = 8  # SD1.x / SD2.x / SDXL and SD3 / Flux VAEs; other families are refused
 
 
 @dataclass
@@ -48,7 +50,8 @@ class AttentionCaptureNode(io.ComfyNode):
                         "samples. Use the returned MODEL in your sampler, then read the map with Attention Mask. "
                         "The input MODEL is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to watch (SD1.x, SD2.x or SDXL). It is cloned, not modified."),
+                io.Model.Input("model", tooltip="The model to watch (SD1.x, SD2.x, SDXL, SD3 / SD3.5 or Flux). It is "
+                                                "cloned, not modified."),
                 io.Clip.Input("clip", tooltip="The CLIP used to encode the prompt; its tokenizer locates the word."),
                 io.String.Input("prompt", multiline=True, default="a photo of a cat",
                                 tooltip="The positive prompt text exactly as given to CLIP Text Encode "
@@ -59,7 +62,9 @@ class AttentionCaptureNode(io.ComfyNode):
                 io.Combo.Input("layers", options=["lowres", "all"], default="lowres",
                                tooltip="lowres: down/up layers at 1/4 of the latent size, as LEDITS++ and Eta "
                                        "Inversion use (sharpest semantics). all: every cross-attention layer, "
-                                       "averaged at the finest recorded size (DAAM-style)."),
+                                       "averaged at the finest recorded size (DAAM-style). SD3 / Flux have one "
+                                       "token size: lowres = every SD3 joint block / Flux double block, all = "
+                                       "Flux single blocks too."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Record from this fraction of the sampling steps (0 = first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -89,6 +94,8 @@ class AttentionCaptureNode(io.ComfyNode):
     def execute(cls, model, clip, prompt, word, layers, start_percent, end_percent) -> io.NodeOutput:
         if end_percent <= start_percent:
             raise ValueError(f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})")
+        if is_flow(model):
+            return cls._execute_flow(model, clip, prompt, word, layers, start_percent, end_percent)
         ensure_supported(model)
         tok = tokenize_word(clip, prompt, word)
         recorder = TokenMapRecorder(tok["positions"], tok["prompt_len"], cond_index=0, layers=layers,
@@ -112,6 +119,17 @@ class AttentionCaptureNode(io.ComfyNode):
         patched = attach_attention_hooks(model, AttentionHooks([recorder]), on_run_start=on_run_start)
         watch_context(patched, watch)
         return io.NodeOutput(patched, AttentionCapture(recorder, word, prompt, tok["positions"], watch=watch))
+
+    @classmethod
+    def _execute_flow(cls, model, clip, prompt, word, layers, start_percent, end_percent) -> io.NodeOutput:
+        """SD3 / SD3.5 / Flux: image-query -> text-key joint attention (spec ``rectified-flow.md`` §3); positions
+        from the CLIP's tokenizer (Flux: T5 tokens; SD3: CLIP tokens, and T5 tokens when the context has them).
+        No prompt check here (the text context is compared only on UNet models)."""
+        where = flow_word_positions(clip, prompt, word)
+        recorder = make_recorder(where, cond_index=0, layers=("double",) if layers == "lowres" else ("double", "single"),
+                                 steps=(start_percent, end_percent))
+        patched = attach_joint_capture(model, [recorder])
+        return io.NodeOutput(patched, AttentionCapture(recorder, word, prompt, where["positions"]))
 
 
 class AttentionMaskNode(io.ComfyNode):

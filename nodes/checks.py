@@ -21,3 +21,14 @@ def first_error(*checks) -> bool | str:
 def given(*values) -> bool:
     """Whether every value is a widget value (not ``None``, i.e. not linked)."""
     return all(v is not None for v in values)
+
+
+def refuse_flow(model, what: str, instead: str) -> None:
+    """Raise ``UnsupportedModelError`` when ``model`` is a rectified-flow model (SD3 / SD3.5 / Flux): ``what`` is
+    not defined there (says why), ``instead`` names the alternative.  The message names the model's family."""
+    from ..kernels.protocol import UnsupportedModelError
+    from .comfy.flow import family, is_flow
+
+    if is_flow(model):
+        raise UnsupportedModelError(f"{what}; this model is {family(model)}, a rectified-flow model (SD3 / SD3.5 / "
+                                    f"Flux family): {instead}")

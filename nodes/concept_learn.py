@@ -24,7 +24,7 @@ from comfy_api.latest import io
 from ..kernels import concept_learn as kcl
 from ..kernels.attention import AttentionHooks
 from ..kernels.files import content_hash, read_safetensors, save_safetensors_atomic
-from .checks import first_error, given
+from .checks import first_error, given, refuse_flow
 from .comfy.attention import attach_attention_hooks
 from .comfy.concepts import ComfyConceptText, read_concept_embedding, save_concept_embedding
 from .comfy.files import embedding_files, embedding_path, embeddings_dir, find_embedding
@@ -36,6 +36,16 @@ CHECKPOINT_SUBDIR = "conceptlearn"
 METHOD = "conceptlearn-em"
 PALETTE = torch.tensor([[0.95, 0.25, 0.2],  # cpu: preview colours; previews are made on the CPU [0.2, 0.55, 0.95], [0.25, 0.85, 0.3], [0.95, 0.8, 0.15],
                         [0.75, 0.3, 0.9], [0.2, 0.85, 0.85], [0.95, 0.5, 0.1], [0.6, 0.6, 0.6]])
+
+
+def _refuse_flow(model) -> None:
+    """Spec ``rectified-flow.md`` §5: not on Flux (its DiT reads T5 tokens only; a CLIP embedding feeds only the
+    pooled vector), nor, in this version, on SD3 / SD3.5 (the training reads UNet cross-attention maps)."""
+    refuse_flow(model, "Concept Learn (textual inversion with Break-A-Scene attention masks) is defined on UNet "
+                       "cross-attention (SD1.x / SD2.x / SDXL)",
+                "on Flux a learned CLIP embedding would barely act (the transformer reads only T5 tokens; CLIP-L "
+                "feeds only the pooled vector), and on SD3 / SD3.5 it is not supported in this version. Learn the "
+                "concept on an SD1.x / SDXL model, or train a LoRA for this model with a LoRA trainer")
 
 
 def _split(text: str) -> list:
@@ -202,6 +212,7 @@ class ConceptLearnNode(io.ComfyNode):
                 save_every=100, overwrite=False, init_masks=None, presence="", resume_from="none",
                 loss_region="union") -> io.NodeOutput:
         names, words = _split(concept_names), _split(init_words)
+        _refuse_flow(model)
         ensure_supported(model)
         text = ComfyConceptText(clip)
         ctx = context_width(model)

@@ -22,6 +22,7 @@ from comfy_api.latest import io
 from ..kernels import instructbrush as ib
 from ..kernels.attention import AttentionHooks
 from ..kernels.files import clean_name, content_hash
+from .checks import refuse_flow
 from .comfy.attention import attach_attention_hooks, cross_attention_layers, cross_attention_widths
 from .comfy.files import folder_file_path, folder_files, instruction_folder, next_save_path
 from .comfy.ip2p import ComfyIP2PEps, ip2p_check, ip2p_encode_pairs
@@ -32,6 +33,12 @@ from .comfy.text import count_prompt_tokens, encode_text, text_condition
 LEARNED_INSTRUCTION = io.Custom("PHOTOOPS_INSTRUCTION")
 FOLDER = "photoops_instructions"
 LOG = logging.getLogger("photoops.instructbrush")
+
+
+def _refuse_flow(model, node: str) -> None:
+    refuse_flow(model, f"{node} (InstructBrush) learns instruction keys/values of an InstructPix2Pix UNet's "
+                       f"cross-attention", "for instruction-style edits use the FlowEdit Guider + Sampler (source and "
+                       "target prompts) or Invert (flow_noise_maps) + Inversion Sampler with a Semantic Guide")
 
 
 def _check_images(before: torch.Tensor, after: torch.Tensor) -> None:
@@ -126,6 +133,7 @@ class InstructionLearnNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, before, after, instruction, name, steps, lr, seed, time_ranges, batch_size,
                 loss_on_guided_prediction, checkpoint_every, resume) -> io.NodeOutput:
+        _refuse_flow(model, "Instruction Learn")
         ip2p_check(model)
         _check_images(before, after)
         prompt = instruction.strip()
@@ -228,6 +236,7 @@ class InstructionApplyNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, instruction, strength) -> io.NodeOutput:
+        _refuse_flow(model, "Instruction Apply")
         ip2p_check(model)
         instruction.check_layers(cross_attention_widths(model))
         m = count_prompt_tokens(clip, instruction.prompt)

@@ -26,7 +26,7 @@ from ..kernels.inversion_state import Inversion, load_inversion, save_inversion
 from ..kernels.schedule import invertible_sigmas
 from .attention_mask import CAPTURE, VAE_FACTOR
 from .comfy.files import folder_file_path, folder_files, next_save_path, register_folder
-from .comfy.flow import FLOW_METHODS, check_method_fits, flow_fingerprint, invert_flow, is_flow, replay_flow
+from .comfy.flow import FLOW_METHODS, check_method_fits, family, flow_fingerprint, invert_flow, is_flow, replay_flow
 from .comfy.models import check_latent, ensure_supported, fingerprint, patcher_of, vp_schedule
 from .comfy.sampling import interrupt_check, ksampler, progress_bar, run_with_guider
 from .eta_schedule import ETA_SCHEDULE, EtaScheduleNode, build_schedule, parse_points  # noqa: F401 (re-exported)
@@ -163,7 +163,9 @@ class InvertNode(io.ComfyNode):
         check_method_fits(model, method)
         if method in FLOW_METHODS:
             if region is not None or eta_schedule is not None:
-                raise ValueError(f"region captures and Eta Schedules do not apply to the {method} method")
+                raise ValueError(f"region captures and Eta Schedules (Eta Inversion, defined for VP / DDIM schedules) "
+                                 f"do not apply to the {method} method of this rectified-flow model ("
+                                 f"{family(model)}); flow_noise_maps runs with eta 1, leave eta_schedule unconnected")
             inv, out = invert_flow(model, positive, negative, latent["samples"], sigmas, method, skip, source_cfg,
                                    seed, gamma=gamma, fixed_point=fixed_point)
             return io.NodeOutput(inv, {"samples": out})

@@ -19,7 +19,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels import prompt_to_prompt as kptp
-from .checks import first_error
+from .checks import first_error, refuse_flow
 from .comfy.models import ensure_supported
 from .comfy.prompt_to_prompt import NOISE_SELECTION, PromptToPromptGuider, attach_control, prompt_tokens, word_positions
 from .comfy.text import encode_text
@@ -146,6 +146,9 @@ class PromptToPromptGuideNode(io.ComfyNode):
     def execute(cls, model, clip, source_prompt, target_prompt, negative, cfg, mode, cross_replace, self_replace,
                 reweight_words="", reweight_value=2.0, blend_source_words="", blend_target_words="",
                 blend_threshold=0.3, blend_start=0.2, noise_selection="editing") -> io.NodeOutput:
+        refuse_flow(model, "Prompt-to-Prompt Guide edits UNet cross-attention maps (SD1.x / SD2.x / SDXL)",
+                    "text and image share joint attention there; use the FlowEdit Guider + Sampler (source and target "
+                    "prompts) or Invert (flow_noise_maps) + Inversion Sampler with a Semantic Guide")
         ensure_supported(model)
         control = build_control(clip, source_prompt, target_prompt, mode, cross_replace, self_replace,
                                 reweight_words, reweight_value, blend_source_words, blend_target_words,

@@ -6,6 +6,15 @@ estimate, no momentum).  All conditionings — target (only when its CFG is on),
 every concept, in core's order — are evaluated in one batched model call per step.  The maths is in ``kernels/sega.py``; this
 file only converts between ComfyUI's denoised predictions and eps (spec §2.4:
 ``eps = (x - D) / sigma``, ``D_hat = x - sigma * e_hat``; momentum lives in eps units).
+
+Rectified-flow models (SD3 / SD3.5 / Flux; spec ``rectified-flow.md`` §4): the combination runs on the
+denoised predictions ``D`` themselves (exactly the eps-space result without momentum, §4.1), with the
+momentum kept in eps units (``unit = -(1-s)/s``, kernels ``sega.py`` (S6')-(S7')).  LEDITS++ masks come
+from the joint-attention capture of each concept's branch, over every SD3 joint block / Flux double
+block (§3.4 default); the intersection switch ``t <= 800`` becomes ``s <= 0.8``.  Flux-dev is
+guidance-distilled: option (A) of §4.2, conditional differences — every branch is conditional with the
+same guidance embed (the negative's FluxGuidance value is given to the concepts), the "negative" is the
+empty / source prompt, and the target prompt, if used, enters with ``cfg = 1`` (its embed steers it).
 """
 from __future__ import annotations
 
@@ -17,12 +26,14 @@ from comfy_api.latest import io
 from ..kernels import maps as kmaps
 from ..kernels import sega as ksega
 from ..kernels.attention import AttentionHooks, TokenMapRecorder
+from .attention_mask import VAE_FACTOR
 from .checks import first_error, given
 from .comfy.attention import attach_attention_hooks
+from .comfy.flow import family, is_flow
+from .comfy.flow_attention import attach_joint_capture, flow_word_positions, joint_layers, make_recorder
 from .comfy.models import ensure_supported, vp_schedule
 from .comfy.sampling import CombineGuider
 from .comfy.text import count_prompt_tokens, encode_text
-from .attention_mask import VAE_FACTOR
 from .inversion import replay_steps
 
 CONCEPTS = io.Custom("PHOTOOPS_EDIT_CONCEPTS")
@@ -39,6 +50,7 @@ class ConceptInput:
     conditioning: list
     n_tokens: int
     concept: ksega.EditConcept
+    flow_positions: dict | None = None   # text-key positions in an SD3 / Flux context (flow_word_positions)
 
 
 class EditConceptNode(io.ComfyNode):
@@ -92,7 +104,8 @@ class EditConceptNode(io.ComfyNode):
             raise ValueError(f"the concept text {text!r} tokenizes to nothing; give a word or two")
         concept = ksega.EditConcept(scale=scale, reverse=direction == "remove", threshold=threshold,
                                     warmup=warmup, cooldown=None if cooldown < 0 else cooldown, weight=weight)
-        item = ConceptInput(text, encode_text(clip, text), n_tok, concept)
+        where = flow_word_positions(clip, text, text) if "t5xxl" in clip.tokenize(text) else None
+        item = ConceptInput(text, encode_text(clip, text), n_tok, concept, where)
         return io.NodeOutput(list(previous or []) + [item])
 
 
@@ -102,8 +115,17 @@ DEFAULT_MASK_RULE = "otsu"      # chosen on toy world A (README, Edit quality); 
 def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale, momentum_beta, use_target,
                  mask_mode="intersect", mask_rule=DEFAULT_MASK_RULE, mask_mass=0.5):
     """The CombineGuider for ``mode`` in {"sega", "ledits++"} (see the module docstring)."""
-    ensure_supported(model)
+    flow = is_flow(model)
+    if flow:
+        joint_layers(model)                      # SD3 / SD3.5 / Flux only; names the family otherwise
+    else:
+        ensure_supported(model)
     concepts = list(concepts or [])
+    distilled = flow and _guidance_distilled(model)
+    if distilled and use_target and cfg != 1.0:
+        raise ValueError(f"{family(model)} is guidance-distilled (no trained unconditional branch): Semantic Guide "
+                         f"uses conditional differences (spec option A), so set cfg to 1 (the target prompt's "
+                         f"FluxGuidance embed steers it) or turn use_target off; cfg is {cfg}")
     kcs = [c.concept for c in concepts]
     # core's order (CFGGuider, PerpNegGuider): positive, negative, then the concepts; no positive row
     # when the target CFG is off (it would only cost UNet batch)
@@ -111,9 +133,20 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
     i_pos, i_neg, i_c0 = (0, 1, 2) if use_target else (None, 0, 1)
     conds = {"negative": negative, **({"positive": positive} if use_target else {})}
     conds.update({f"concept{i}": c.conditioning for i, c in enumerate(concepts)})
+    if distilled:   # option (A): every branch with the negative's guidance embed
+        g = _guidance_of(negative)
+        conds.update({f"concept{i}": [[t, {**d, "guidance": g}] for t, d in c.conditioning]
+                      for i, c in enumerate(concepts)})
     recorders = []
     patched = model
-    if mode == "ledits++" and concepts and mask_mode != "noise":
+    if flow and mode == "ledits++" and concepts and mask_mode != "noise":
+        for i, c in enumerate(concepts):                       # spec §3.4: the concept's tokens, double blocks
+            if c.flow_positions is None:
+                raise ValueError(f"concept {i} ({c.text!r}) was encoded with a CLIP without an SD3 / Flux tokenizer: "
+                                 f"use this model's text encoder in Edit Concept")
+            recorders.append(make_recorder(c.flow_positions, cond_index=i_c0 + i, layers=("double",)))
+        patched = attach_joint_capture(model, recorders)
+    elif mode == "ledits++" and concepts and mask_mode != "noise":
         hooks = AttentionHooks()
         for i, c in enumerate(concepts):                       # spec §4.4 step 3: tokens 1..n_tok, 1/4-size layers
             recorders.append(hooks.add(TokenMapRecorder(list(range(1, c.n_tokens + 1)), prompt_len=77,
@@ -121,7 +154,7 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         patched = attach_attention_hooks(model, hooks)
     sega = ksega.SemanticGuidance(kcs, momentum_scale=momentum_scale, momentum_beta=momentum_beta,
                                   mask_rule=mask_rule, mask_mass=mask_mass)
-    schedule = vp_schedule(model)
+    schedule = None if flow else vp_schedule(model)
     store = MaskStore(len(concepts))
 
     def on_run_start(sigmas, sampler=None):
@@ -131,6 +164,38 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         store.reset()
         for r in recorders:
             r.reset()
+
+    def combine_flow(x_in, sigma, outs, step, cfg_denoised=None):
+        # [ours] spec §4.1: the combination on D (= the eps-space result without momentum), float64 for the
+        # concept terms; momentum in eps units through ``unit``; the target-CFG part as core's cfg_function
+        s = float(sigma.flatten()[0])
+        ds = [d.double() for d in outs]
+        d_u = outs[i_neg]
+        d_cfg = d_u + (outs[i_pos] - d_u) * cfg if use_target else d_u
+        if cfg_denoised is not None:
+            d_cfg = cfg_denoised
+        if mode == "sega":
+            unit = -(1.0 - s) / s if s > 0 else 0.0          # eps difference per D difference (§4.1)
+            sega.guide(ds[i_neg], ds[i_pos] if use_target else None, ds[i_c0:], step, cfg, unit=unit)
+            semantic = sega.last_guidance
+            if kcs:
+                store.add(torch.stack([
+                    ksega.percentile_mask(ksega.concept_direction(d_c, ds[i_neg], c), c.threshold, mask_rule,
+                                          mask_mass).any(1)
+                    & torch.tensor(c.warm(step) and not c.cooled(step), device=d_u.device)
+                    for c, d_c in zip(kcs, ds[i_c0:])]))
+        else:
+            maps = [r.result() for r in recorders] if recorders else None
+            d_pp, masks = ksega.ledits_pp_guidance(ds[i_neg], ds[i_c0:], kcs, maps, step, timestep=1000.0 * s,
+                                                   use_intersect=mask_mode == "intersect",
+                                                   use_cross_attn=mask_mode in ("intersect", "cross_attention"),
+                                                   return_masks=True, mask_rule=mask_rule, mask_mass=mask_mass)
+            semantic = d_pp - ds[i_neg]
+            if kcs:
+                store.add(masks.amax(2))
+            for r in recorders:
+                r.reset()
+        return (d_cfg + semantic.to(d_cfg.dtype)).nan_to_num()
 
     def combine(x_in, sigma, outs, step, cfg_denoised=None):
         # [ours] eps (§2.4) in float64 for the concept terms; the target CFG part is assembled in
@@ -170,10 +235,21 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         out = d_cfg - (s * semantic).to(d_cfg.dtype)
         return out.nan_to_num()                                        # guard: zero-norm guidance, 0/0
 
-    guider = CombineGuider(patched, conds, order, combine, cfg, on_run_start=on_run_start,
+    guider = CombineGuider(patched, conds, order, combine_flow if flow else combine, cfg, on_run_start=on_run_start,
                            uncond_key="negative", cond_key="positive" if use_target else None)
     guider.photoops_masks = store
     return guider, recorders
+
+
+def _guidance_distilled(model) -> bool:
+    """Flux-dev style: the DiT has a guidance embed (FluxGuidance) and no trained unconditional branch."""
+    return bool(getattr(getattr(model.get_model_object("diffusion_model"), "params", None), "guidance_embed", False))
+
+
+def _guidance_of(conditioning, default: float = 3.5) -> float:
+    """The FluxGuidance value of a CONDITIONING (ComfyUI's Flux default 3.5 when it has none)."""
+    g = conditioning[0][1].get("guidance") if conditioning else None
+    return default if g is None else float(g)
 
 
 class SemanticGuideNode(io.ComfyNode):
@@ -187,7 +263,8 @@ class SemanticGuideNode(io.ComfyNode):
                         "SamplerCustomAdvanced. With Invert + Inversion Sampler it edits a real photo (LEDITS / "
                         "LEDITS++); with a normal sampler it edits generations.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL model (cloned, never changed)."),
+                io.Model.Input("model", tooltip="SD1.x / SD2.x / SDXL, SD3 / SD3.5 or Flux model (cloned, never "
+                                                "changed). Flux-dev: cfg 1 (conditional differences)."),
                 io.Conditioning.Input("positive", tooltip="Target prompt (for LEDITS: often the source prompt or empty)."),
                 io.Conditioning.Input("negative", tooltip="Unconditional / negative prompt (empty for LEDITS)."),
                 CONCEPTS.Input("concepts", tooltip="From Edit Concept (chain several)."),

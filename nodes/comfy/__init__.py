@@ -13,8 +13,9 @@
 | ``ip2p`` | InstructPix2Pix model checks and its eps prediction (InstructBrush) |
 | ``prompt_to_prompt`` | Prompt-to-Prompt control on attn1 / attn2 patches and its batched source / target guider |
 | ``flow`` | rectified-flow (``CONST``) models: family checks, flow sigmas and fingerprints, flow inversion / replay, the FlowEdit guider and sampler |
+| ``flow_attention`` | ``dit`` double / single block replace patches, ``optimized_attention_override``, an APPLY_MODEL wrapper: joint-attention capture (SD3 / Flux) |
 
 Import graph (acyclic): ``models`` <- ``attention``, ``training``, ``ip2p``; ``text`` <- ``concepts``;
-``sampling`` <- ``flow``; ``attention``, ``sampling``, ``text`` <- ``prompt_to_prompt``; ``files``, ``sampling`` and
+``sampling`` <- ``flow``; ``flow``, ``text`` <- ``flow_attention``; ``attention``, ``sampling``, ``text`` <- ``prompt_to_prompt``; ``files``, ``sampling`` and
 ``pops`` stand alone.  ``kernels/`` imports none of them.
 """

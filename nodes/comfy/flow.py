@@ -47,6 +47,10 @@ def check_method_fits(model, method: str) -> None:
         raise UnsupportedModelError(
             f"Invert method '{method}' is for rectified-flow models (SD3, SD3.5, Flux); this model is "
             f"{family(model)}, a VP (eps / v-prediction) model: use ddpm, eta, ddim or dpmpp_2m_sde")
+    if method == "eta" and flow:
+        raise UnsupportedModelError(
+            f"Eta Inversion is defined for VP (DDIM) schedules; this model is {family(model)}, a rectified-flow "
+            f"model: use Invert method 'flow_noise_maps' (exact, edit-friendly), 'rf_inversion' or the FlowEdit sampler")
     if method not in FLOW_METHODS and flow:
         raise UnsupportedModelError(
             f"Invert method '{method}' is defined for VP (eps / v-prediction) UNets; this model is {family(model)}, "
