@@ -229,7 +229,7 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
     unet = model.unet
     saved = dict(unet.attn_processors)
 
-    def edit(start, src_ladder, noises, eta):
+    def edit(start, src_ladder, noises, eta, chooser=None):
         blend = kptp.LocalBlend([2], [2], st["blend"], st["blend_start"]) if st["blend"] > 0 else None
         eq = kptp.equalizer(T, [[2]], [st["reweight"]]) if st["reweight"] != 1.0 else None
         control = kptp.PromptToPromptControl(st["mode"], mapper, T, equalizer=eq, cross_steps=(0.0, st["cross"]),
@@ -239,12 +239,13 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
         try:
             anchored = kptp.SourceAnchoredPtP(
                 lambda xs, xt, s: kptp.ptp_predict(den, xs, xt, s, c_src, c_tgt, td.uncond, args.cfg),
-                control, src_ladder, sig, skip)
+                control, src_ladder, sig, skip, noise=chooser)
             lock = None
             if blend is not None:
                 lock = BackgroundLock(src_ladder, lambda i: blend.mask(x0.shape[-2:]), skip=skip)
             with torch.no_grad():
-                return replay_sample(anchored, start, sig[skip:], noises=noises, eta=eta, start=skip, lock=lock)
+                return replay_sample(anchored, start, sig[skip:], noises=noises if chooser is None else chooser, eta=eta,
+                                     start=skip, lock=lock)
         finally:
             unet.set_attn_processor(dict(saved))   # (diffusers empties the dict it is given)
 
@@ -261,14 +262,20 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
     noises, e = eta_inversion_noises(g_src, ladder, sig, etas, eta_mask=mask, candidates=10,
                                      generator=torch.Generator().manual_seed(args.seed))
     region_label = {"none": "no region"}.get(st["region"], f"region {st['region']}")
+    # the node's default (noise_selection "editing"): Eta's noise chosen during the edit at the editing CFG,
+    # from the same candidate stream as Invert's; "inversion": the noise chosen at the source CFG
+    chooser = None
+    if args.ptp_noise == "editing":
+        chooser = kptp.EditTimeNoise(src_ladder, sig, etas, skip, 10, args.seed)
+    ptp_label = f"{region_label}, noise chosen at {args.ptp_noise}"
     if args.ptp_eta_only:
-        score_edit(f"**Eta + PtP** ({st['eta']}, {region_label}; {label}; skip {skip})",
-                   edit(ladder[n - skip], src_ladder, noises, e), None)
+        score_edit(f"**Eta + PtP** ({st['eta']}, {ptp_label}; {label}; skip {skip})",
+                   edit(ladder[n - skip], src_ladder, noises, e, chooser), None)
         return
     score_edit(f"Eta alone ({st['eta']}, {region_label}, target CFG, skip {skip})",
                replay_sample(g_tgt, ladder[n - skip], sig[skip:], noises=noises, eta=e, start=skip), None)
-    score_edit(f"**Eta + PtP** ({st['eta']}, {region_label}; {label}; skip {skip})",
-               edit(ladder[n - skip], src_ladder, noises, e), None)
+    score_edit(f"**Eta + PtP** ({st['eta']}, {ptp_label}; {label}; skip {skip})",
+               edit(ladder[n - skip], src_ladder, noises, e, chooser), None)
     score_edit(f"DDIM + PtP ({label}; skip {skip})", edit(ladder[n - skip], src_ladder, None, 0.0), None)
     x_start, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
     score_edit(f"DDPM + PtP ({label}; skip {skip})", edit(lad[n - skip], lad[: n - skip + 1].flip(0), zs, 1.0), None)
@@ -418,6 +425,9 @@ def main():
     ap.add_argument("--ptp-blend", type=float, default=None, help="PtP local blend threshold (0 = off)")
     ap.add_argument("--ptp-blend-start", type=float, default=None, help="PtP local blend start fraction")
     ap.add_argument("--ptp-eta", choices=list(keta.PRESETS), default=None, help="eta preset for the Eta rows")
+    ap.add_argument("--ptp-noise", choices=["editing", "inversion"], default="editing",
+                    help="Eta + PtP: choose Eta's noise during the edit at the editing CFG (the node's default, the "
+                         "reference's) or replay the noise chosen at inversion (source CFG)")
     ap.add_argument("--ptp-region", default=None, help="Eta region: none, a threshold (0.2) or qQ (quantile Q)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the table here")
