@@ -12,6 +12,10 @@ has is run through the PhotoOps kernels and the diffusers adapter on the trained
 Prints one table (and writes it as JSON with ``--json``).  The README shows it.
 
     python bench/edit_quality.py [--model tools/toyworld/model] [--n 12] [--steps 50]
+    python bench/edit_quality.py --flow [--model tools/toyworld/model_flow]   # the toy rectified-flow model
+
+``--flow`` (issue 19 item 5) runs the same 12-photo protocol and scorer on the toy rectified-flow model
+(``tools/toyworld/flow.py``) with the flow kernels instead: see :func:`flow_run`.
 """
 from __future__ import annotations
 
@@ -244,8 +248,8 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
             if blend is not None:
                 lock = BackgroundLock(src_ladder, lambda i: blend.mask(x0.shape[-2:]), skip=skip)
             with torch.no_grad():
-                return replay_sample(anchored, start, sig[skip:], noises=noises if chooser is None else chooser, eta=eta,
-                                     start=skip, lock=lock)
+                return replay_sample(anchored, start, sig[skip:], noises=noises if chooser is None else chooser,
+                                     eta=eta, start=skip, lock=lock)
         finally:
             unet.set_attn_processor(dict(saved))   # (diffusers empties the dict it is given)
 
@@ -392,6 +396,211 @@ def region_maps(model, x0, captions, scenes, sig):
     return a.clamp(0, 1)
 
 
+# ----------------------------------------------------------------------------- the toy rectified-flow model (--flow)
+
+FLOW_ROWS = ("ode", "noise_maps", "rf_inversion", "flowedit", "ledits++", "ledits")
+# FlowEdit's SD3 settings (RF §2.4: T 50, n_max 33, n_min 0, n_avg 1, CFG 3.5 / 13.5) scaled to the toy: the same
+# T and n_max / T, source CFG 3.5 / 2.3 = 1.5 (the toy's CFG 3 against SD3's ~7); target CFG: a sweep on the trained
+# model (3 / 4.5 / 6, the last the same scaling of 13.5) gave 83 % everywhere and background 33.4 / 31.3 / 29.2 dB,
+# so the toy's own CFG 3.
+FLOWEDIT_DEFAULTS = {"src_cfg": 1.5, "tar_cfg": 3.0, "n_max": 0.66, "n_avg": 1}
+
+
+def _flow_edit_row(rows, name, out, recon, src, tgt, bg, scenes, tgt_scenes, **extra):
+    """One table row, scored exactly as ``run``'s ``score_edit`` (edit None: a reconstruction-only row)."""
+    from tools.toyworld import scorer
+
+    row = {"method": name, "recon_psnr": float(psnr(recon, src).mean()) if recon is not None else None,
+           "edit_success": None, "bg_psnr": float(psnr(out, src, bg).mean()),
+           "edit_psnr_vs_truth": float(psnr(out, tgt).mean()), **extra}
+    res = scorer.score_batch(out.clamp(-1, 1))
+    ok = [r["fg"] == t.fg and r["shape"] == s.shape and r["bg"] == s.bg for r, s, t in zip(res, scenes, tgt_scenes)]
+    row["edit_success"] = sum(ok) / len(ok)
+    row["wrong"] = {"colour": sum(r["fg"] != t.fg for r, t in zip(res, tgt_scenes)),
+                    "colour_kept": sum(r["fg"] == s.fg for r, s in zip(res, scenes)),
+                    "shape": sum(r["shape"] != s.shape for r, s in zip(res, scenes)),
+                    "background": sum(r["bg"] != s.bg for r, s in zip(res, scenes))}
+    rows.append(row)
+    return row
+
+
+def flow_ledits(model, src_caps, scenes, tgt_scenes, ladder, zs, sig, skip, args, scale, mode="ledits++"):
+    """LEDITS++ on the toy flow model (RF §4): replay the RF-ancestral noise maps with implicit-mask guidance.
+
+    ``mode="sega"``: LEDITS (SEGA with momentum 0.3/0.6, as :func:`semantic_edit`) instead; its momentum
+    lives in eps units (RF §4.1's choice), so the predictions are converted to ``eps = x + (1 - s) v``
+    and the guided eps back to ``D = (x - s eps) / (1 - s)``: defined for replayed steps with ``s < 1``
+    (``skip >= 1``).
+
+    The Semantic Guide kernel (``kernels/sega.ledits_pp_guidance``) is driven with VELOCITY predictions:
+    LEDITS++ has no momentum, so its combination ``e_u + sum psi_c M_c`` (+ the replay's own source CFG)
+    is the same in eps-, v- and D-space (RF §4.1: the maps are affine in ``v`` at fixed ``(x, s)``, the
+    ``|psi|`` quantile masks are scale-invariant), and v-space has no ``1/(1-s)`` at ``s = 1``.
+    ``M1`` comes from the toy UNet's cross-attention (it is a UNet: ``kernels.attention``'s
+    ``TokenMapRecorder`` on the 1/4-resolution layers, unchanged); diffusers' ``t <= 800``
+    intersection switch is ``s <= 0.8`` (``timestep = 1000 s``, RF §4.2).  Concepts as ``semantic_edit``.
+    """
+    from photoops.kernels import flow_inversion as kfi
+    from photoops.kernels import sega as ksega
+    from tools.toyworld.flow import ToyFlowDenoiser
+
+    tok = model.tokenizer
+    if args.concepts == "words":
+        old = [f"{s.fg} {s.shape}" for s in scenes]
+        new = [f"{t.fg} {t.shape}" for t in tgt_scenes]
+        positions = [1]
+    else:
+        old = [f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes]
+        new = [f"a {t.fg} {t.shape} on a {t.bg} background" for t in tgt_scenes]
+        positions = [2]
+    for o, s in zip(old, scenes):
+        assert tok(o)["input_ids"][positions[0]] == tok(s.fg)["input_ids"][1], (o, s.fg)
+    saved = dict(model.unet.attn_processors)
+    hooks = AttentionHooks()
+    fd = ToyFlowDenoiser(model, hooks=hooks)
+    c_old, c_new, cond = model.encode_prompts(old), model.encode_prompts(new), model.encode_prompts(src_caps)
+    recs = [hooks.add(TokenMapRecorder(positions, tok.model_max_length, cond_index=2 + i, layers="lowres"))
+            for i in range(2)]
+    concepts = [ksega.EditConcept(scale=scale, reverse=True, threshold=args.edit_threshold, warmup=args.edit_warmup),
+                ksega.EditConcept(scale=scale, threshold=args.edit_threshold, warmup=args.edit_warmup)]
+    state = {"step": 0}
+    sg = ksega.SemanticGuidance(concepts, momentum_scale=0.3, momentum_beta=0.6, mask_rule=args.mask_rule,
+                                mask_mass=args.mask_mass)
+    if mode == "sega" and not float(sig[skip]) < 1:
+        raise ValueError("SEGA on flow works in eps units: it needs the replay to start below s = 1 (skip >= 1)")
+
+    def guided(x, s):
+        for r in recs:
+            r.reset()
+        s_f = float(torch.as_tensor(s).flatten()[0])
+        v = fd.predict_v(x, s, [fd.uncond, cond, c_old, c_new], cond_ids=[0, 1, 2, 3])
+        if mode == "sega":
+            e = [x + (1 - s_f) * vk for vk in v]
+            e_hat = sg.guide(e[0], e[1], e[2:], state["step"], args.src_cfg)
+            state["step"] += 1
+            return (x - s_f * e_hat) / (1 - s_f)
+        v_hat = ksega.ledits_pp_guidance(v[0], v[2:], concepts, [r.result() for r in recs], state["step"],
+                                         timestep=1000.0 * s_f, mask_rule=args.mask_rule, mask_mass=args.mask_mass)
+        v_hat = v_hat + args.src_cfg * (v[1] - v[0])       # replay the inversion's own prediction (Rule 2)
+        state["step"] += 1
+        return x - s_f * v_hat
+
+    n = len(sig) - 1
+    try:
+        return kfi.rf_ancestral_sample(guided, ladder[n - skip], sig[skip:], noises=zs, start=skip, eta=args.flow_eta)
+    finally:
+        model.unet.set_attn_processor(dict(saved))
+
+
+def flow_run(args):
+    """The flow rows on the 12-photo protocol (same photos, captions, scorer and masks as :func:`run`).
+
+    Sigma list: the toy's linear flow list ``1 - i/N`` (shift 1, ``tools/toyworld/flow.py``), its final 0
+    replaced by the model's ``sigma_min = 1/1000`` for the inversions (``kernels.schedule.invertible_sigmas``);
+    FlowEdit samples to 0.  Source CFG ``--src-cfg`` (1) for inversion and reconstruction, target CFG ``--cfg`` (3)
+    for the caption swaps; edits replay from ``skip = --skip * steps``.
+
+    * flow ODE (Euler) inversion, caption swap by Euler sampling from its rung at ``skip``;
+    * RF-ancestral noise-map inversion (``--flow-eta``, default 1), exact replay, caption swap on the maps;
+    * RF-Inversion (gamma 0.5; reverse eta 0.9 on the first 38 % of the steps, the community docstring's
+      example; no skip: it inverts to ``s = 1``), target caption;
+    * FlowEdit (``FLOWEDIT_DEFAULTS``; no inversion: reconstruction is the identity by construction);
+    * LEDITS++ on flow (:func:`flow_ledits`) on the noise maps; LEDITS (SEGA, ``mode="sega"``) likewise.
+    """
+    from photoops.kernels import flow_inversion as kfi
+    from photoops.kernels.flowedit import flowedit_sample
+    from photoops.kernels.schedule import invertible_sigmas
+    from tools.toyworld import model as tm
+    from tools.toyworld.flow import ToyFlowDenoiser, flow_sigmas, is_flow_model, sigma_min
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = tm.load_model(args.model)
+    if not is_flow_model(model):
+        sys.exit(f"{args.model} is not a toy flow model (its scheduler is {type(model.scheduler).__name__})")
+    scenes, tgt_scenes, src, tgt, bg = photos(args.n, args.seed, args.world)
+    src_caps = [f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes]
+    tgt_caps = [f"a {t.fg} {t.shape} on a {t.bg} background" for t in tgt_scenes]
+    x0 = src.clone()
+    fd = ToyFlowDenoiser(model)
+    sig0 = flow_sigmas(args.steps)
+    sig, _ = invertible_sigmas(sig0, sigma_min())
+    n = len(sig) - 1
+    skip = int(round(args.skip * args.steps))
+    g_src, g_tgt = fd.guided(src_caps, args.src_cfg), fd.guided(tgt_caps, args.cfg)
+    want = set(args.flow_only or FLOW_ROWS)
+    rows = []
+    t0 = time.perf_counter()
+
+    def row(name, out, recon, **extra):
+        return _flow_edit_row(rows, name, out, recon, src, tgt, bg, scenes, tgt_scenes, **extra)
+
+    if "ode" in want:
+        ladder, _ = kfi.euler_invert(g_src, x0, sig)
+        recon = kfi.flow_euler_sample(g_src, ladder[n], sig)
+        out = kfi.flow_euler_sample(g_tgt, ladder[n - skip], sig[skip:], start=skip)
+        row(f"Flow ODE (Euler) inversion + caption swap (skip {skip})", out, recon)
+    maps = None
+    if want & {"noise_maps", "ledits++", "ledits"}:
+        maps = kfi.rf_ancestral_invert(g_src, x0, sig, eta=args.flow_eta,
+                                       generator=torch.Generator().manual_seed(args.seed))
+    if "noise_maps" in want:
+        x_start, zs, lad = maps
+        recon = kfi.rf_ancestral_sample(g_src, x_start, sig, noises=zs, eta=args.flow_eta)
+        rel = float((recon - x0).norm() / x0.norm())
+        out = kfi.rf_ancestral_sample(g_tgt, lad[n - skip], sig[skip:], noises=zs, start=skip, eta=args.flow_eta)
+        row(f"Flow noise maps (RF ancestral, eta {args.flow_eta:g}) + caption swap (skip {skip})", out, recon,
+            replay_rel_err=rel)
+    if "rf_inversion" in want:
+        ladder = kfi.rf_inversion_invert(g_src, x0, sig, gamma=0.5, generator=torch.Generator().manual_seed(args.seed))
+        etas = kfi.rf_eta_per_step(n, 0.9, 0.0, 0.38)
+        recon = kfi.flow_euler_sample(g_src, ladder[n], sig, y0=x0, eta=etas)
+        out = kfi.flow_euler_sample(g_tgt, ladder[n], sig, y0=x0, eta=etas)
+        row("RF-Inversion (gamma 0.5; eta 0.9 on the first 38 % of steps) + target caption", out, recon)
+    if "flowedit" in want:
+        for frac in args.flowedit_nmax:
+            n_max = int(round(frac * args.steps))
+            for tar_cfg in args.flowedit_cfg:
+                out = flowedit_sample(fd.guided(src_caps, args.flowedit_src_cfg), fd.guided(tgt_caps, tar_cfg), x0,
+                                      sig0, n_max=n_max, n_min=0, n_avg=args.flowedit_navg,
+                                      generator=torch.Generator().manual_seed(args.seed))
+                row(f"FlowEdit (n_max {n_max} of {args.steps}, n_avg {args.flowedit_navg}, source CFG "
+                    f"{args.flowedit_src_cfg:g}, target CFG {tar_cfg:g})", out, None)
+    if "ledits++" in want:
+        x_start, zs, lad = maps
+        for scale in args.edit_scale:
+            out = flow_ledits(model, src_caps, scenes, tgt_scenes, lad, zs, sig, skip, args, scale)
+            row(f"LEDITS++ on flow (noise maps + cross-attention masks from the toy UNet), concepts as "
+                f"{args.concepts}, scale {scale:g}, skip {skip}", out, None)
+    if "ledits" in want:
+        x_start, zs, lad = maps
+        for scale in args.edit_scale:
+            out = flow_ledits(model, src_caps, scenes, tgt_scenes, lad, zs, sig, skip, args, scale, mode="sega")
+            row(f"LEDITS on flow (noise maps + SEGA, momentum 0.3/0.6 in eps units), concepts as {args.concepts}, "
+                f"scale {scale:g}, skip {skip}", out, None)
+    return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def flow_main(a):
+    rows, meta = flow_run(a)
+    print(f"toy world {a.world}, rectified-flow model {a.model}: {meta['n']} photos, {meta['steps']} steps (linear "
+          f"flow list), edit skip {meta['skip']}, target CFG {meta['cfg']}, source CFG {meta['src_cfg']}, "
+          f"mask rule {a.mask_rule} ({meta['seconds']} s)")
+    print("| method | reconstruction PSNR (dB) | edit success | background PSNR (dB) | PSNR vs true edit (dB) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        rp = "—" if r["recon_psnr"] is None else f"{r['recon_psnr']:.1f}"
+        print(f"| {r['method']} | {rp} | {100 * r['edit_success']:.0f} % | {r['bg_psnr']:.1f} | "
+              f"{r['edit_psnr_vs_truth']:.1f} |")
+    for r in rows:
+        extra = f", replay relative error {r['replay_rel_err']:.1e}" if "replay_rel_err" in r else ""
+        print(f"failures of {r['method'][:40]}...: {r['wrong']}{extra}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    assert all(math.isfinite(r["bg_psnr"]) for r in rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", choices=("A", "B"), default="A",
@@ -429,13 +638,32 @@ def main():
                     help="Eta + PtP: choose Eta's noise during the edit at the editing CFG (the node's default, the "
                          "reference's) or replay the noise chosen at inversion (source CFG)")
     ap.add_argument("--ptp-region", default=None, help="Eta region: none, a threshold (0.2) or qQ (quantile Q)")
+    ap.add_argument("--flow", action="store_true",
+                    help="the toy rectified-flow model's rows (flow inversions, FlowEdit, LEDITS++ on flow)")
+    ap.add_argument("--flow-only", nargs="+", default=None, choices=FLOW_ROWS,
+                    help="with --flow: only these rows (sweeps)")
+    ap.add_argument("--flow-eta", type=float, default=1.0, help="RF ancestral eta of the noise-map inversion")
+    ap.add_argument("--flowedit-src-cfg", type=float, default=FLOWEDIT_DEFAULTS["src_cfg"],
+                    help="FlowEdit source CFG")
+    ap.add_argument("--flowedit-cfg", type=float, nargs="+", default=[FLOWEDIT_DEFAULTS["tar_cfg"]],
+                    help="FlowEdit target CFG(s)")
+    ap.add_argument("--flowedit-nmax", type=float, nargs="+", default=[FLOWEDIT_DEFAULTS["n_max"]],
+                    help="FlowEdit n_max as a fraction of the steps (SD3: 33 of 50)")
+    ap.add_argument("--flowedit-navg", type=int, default=FLOWEDIT_DEFAULTS["n_avg"], help="FlowEdit n_avg")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the table here")
     a = ap.parse_args()
     if a.model is None:
-        a.model = str(ROOT / "tools" / "toyworld" / ("model" if a.world == "A" else "model_b"))
+        if a.flow:
+            if a.world != "A":
+                sys.exit("--flow: there is a toy flow model for world A only (tools/toyworld/model_flow)")
+            a.model = str(ROOT / "tools" / "toyworld" / "model_flow")
+        else:
+            a.model = str(ROOT / "tools" / "toyworld" / ("model" if a.world == "A" else "model_b"))
     if not Path(a.model).is_dir():
         sys.exit(f"no toy model at {a.model}: train it (tools/toyworld/README.md) or pass --model")
+    if a.flow:
+        return flow_main(a)
     rows, meta = run(a)
     print(f"toy world {a.world}: {meta['n']} photos, {meta['steps']} steps, edit skip {meta['skip']}, target CFG "
           f"{meta['cfg']}, source CFG {meta['src_cfg']}, mask rule {a.mask_rule}"

@@ -388,7 +388,11 @@ def _clean_config(cfg: dict) -> dict:
 
 
 def load_model(directory: str, dtype: torch.dtype = torch.float32) -> ToyModel:
-    """Load a model written by ``save_model`` (offline; never touches a hub)."""
+    """Load a model written by ``save_model`` (offline; never touches a hub).
+
+    The scheduler is a ``DDIMScheduler``, or a ``FlowMatchEulerDiscreteScheduler`` for the toy
+    rectified-flow model (``flow.py``; recognised by its config's ``shift`` key).
+    """
     with open(os.path.join(directory, "tokenizer", "vocab.json"), encoding="utf-8") as f:
         vocab = json.load(f)
     with open(os.path.join(directory, "tokenizer", "merges.json"), encoding="utf-8") as f:
@@ -410,7 +414,13 @@ def load_model(directory: str, dtype: torch.dtype = torch.float32) -> ToyModel:
     with open(os.path.join(directory, "vae", "config.json"), encoding="utf-8") as f:
         vae = IdentityVAE.from_config(_clean_config(json.load(f)))
     with open(os.path.join(directory, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-        sched = DDIMScheduler.from_config(_clean_config(json.load(f)))
+        scfg = _clean_config(json.load(f))
+    if "shift" in scfg and "beta_schedule" not in scfg:   # the toy rectified-flow model (flow.py)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(scfg)
+    else:
+        sched = DDIMScheduler.from_config(scfg)
     if dtype != torch.float32:
         te, unet, vae = te.to(dtype), unet.to(dtype), vae.to(dtype)
     return ToyModel(tok, te.eval(), unet.eval(), vae, sched)
