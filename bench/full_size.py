@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,28 @@ FAMILIES = ["plain_4rows", "capture", "invert_ddpm", "invert_eta", "invert_dpmpp
 SIZES = {"sd15": 512, "sdxl": 1024, "tiny": 64}   # tiny: the CI fixture, a quick dtype sweep
 PROMPT = "a photo of a cat sitting on a red sofa"
 CFG = 5.0
+# bf16 / fp16: the UNet's weights in that dtype, loaded as ComfyUI's loaders do (--bf16-unet / --fp16-unet); on a
+# CPU ComfyUI then computes in fp32 (its manual cast: model_management.unet_manual_cast). bf16c / fp16c: weights AND
+# compute in that dtype, as on a GPU, set with ComfyUI's own ModelPatcher.set_model_compute_dtype (core's
+# ModelComputeDtype node), so our kernels see half-precision activations here too.
+DTYPES = ["fp32", "bf16", "fp16", "bf16c", "fp16c"]
+DTYPE_LABELS = {"fp32": "fp32", "bf16": "bf16 weights, fp32 compute", "fp16": "fp16 weights, fp32 compute",
+                "bf16c": "bf16 weights + compute", "fp16c": "fp16 weights + compute"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name.rstrip("c")]
+
+
+def with_compute_dtype(patcher, name: str):
+    """``patcher`` itself, or for ``bf16c`` / ``fp16c`` a clone computing in that dtype (ModelComputeDtype)."""
+    if not name.endswith("c"):
+        return patcher
+    m = patcher.clone()
+    m.set_model_compute_dtype(torch_dtype(name))
+    return m
 
 
 # ----------------------------------------------------------------------------- memory / state helpers
@@ -118,11 +142,13 @@ class UNetCalls:
 
     def __init__(self, model):
         self.calls = self.rows = 0
+        self.dtypes = set()     # the UNet's output dtypes: the compute dtype it ran in
         self.h = model.model.diffusion_model.register_forward_hook(self._hook)
 
     def _hook(self, mod, args, out):
         self.calls += 1
         self.rows += int(out.shape[0])
+        self.dtypes.add(str(out.dtype).replace("torch.", ""))
 
     def close(self):
         self.h.remove()
@@ -132,16 +158,18 @@ def measure(fn, unet_model=None):
     """Run ``fn()`` -> (result, {time_s, peak, base, calls, rows})."""
     base = reset_peak()
     cnt = UNetCalls(unet_model) if unet_model is not None else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         res = fn()
     finally:
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if cnt is not None:
             cnt.close()
-    m = {"time_s": dt, "peak": peak(), "base": base}
+    # cpu_s: this process's CPU time (all its threads); with --threads 1 on a shared or paused machine it is the
+    # fairer speed measure (wall time also counts the time other jobs had the cores)
+    m = {"time_s": dt, "cpu_s": dc, "peak": peak(), "base": base}
     if cnt is not None:
-        m.update(calls=cnt.calls, rows=cnt.rows)
+        m.update(calls=cnt.calls, rows=cnt.rows, compute=sorted(cnt.dtypes))
     return res, m
 
 
@@ -194,6 +222,8 @@ def _finisher(args, log):
         row = {"model": args.model, "dtype": args.dtype, "family": family, "steps": args.steps, "px": px,
                "threads": args.threads, "ours": ours, "plain": base_m,
                "time_per_step_ours": ours["time_s"] / so, "time_per_step_plain": base_m["time_s"] / sp,
+               "cpu_per_step_ours": ours["cpu_s"] / so if "cpu_s" in ours else None,
+               "cpu_per_step_plain": base_m["cpu_s"] / sp if "cpu_s" in base_m else None,
                "state_bytes": state, "nan": bad_values(*out) if out else None, "note": note,
                "when": time.strftime("%Y-%m-%d %H:%M:%S")}
         row_path(args.model, args.dtype, family, args.steps).write_text(json.dumps(row, indent=1))
@@ -237,7 +267,7 @@ def _child(args) -> None:
     from photoops.nodes.attention_mask import AttentionCaptureNode
 
     log = lambda s: print(s, flush=True)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dt = torch_dtype(args.dtype)
     todo = [f for f in args.families if args.fresh or not row_path(args.model, args.dtype, f, args.steps).is_file()]
     todo = [f for f in todo if f not in ("pops", "crf")]
     if not todo:
@@ -254,7 +284,7 @@ def _child(args) -> None:
             _failer(args, log)(fam, e)
         return
     M = load_models(args.model, dt, log)
-    model, clip, vae = M["model"], M["clip"], M["vae"]
+    model, clip, vae = with_compute_dtype(M["model"], args.dtype), M["clip"], M["vae"]
     log(f"[{args.model} {args.dtype}] loaded in {time.time() - t0:.0f} s, RSS {rss() / 2**30:.2f} GiB, "
         f"{type(model.model).__name__} / {type(model.model.model_config).__name__}, "
         f"unet weights {model.model.diffusion_model.input_blocks[0][0].weight.dtype}")
@@ -282,7 +312,8 @@ def _child(args) -> None:
     out, base_m = measure(plain, model)
     base_m["nan"] = bad_values(out)
     base_file.write_text(json.dumps(base_m))
-    log(f"[{args.model} {args.dtype}] plain: {args.steps} steps {base_m['time_s']:.1f} s, peak "
+    log(f"[{args.model} {args.dtype}] plain: UNet computes in {base_m.get('compute')}, {args.steps} steps "
+        f"{base_m['time_s']:.1f} s, peak "
         f"{base_m['peak'] / 2**30:.2f} GiB (+{(base_m['peak'] - base_m['base']) / 2**20:.0f} MiB), "
         f"nan {base_m['nan']}")
 
@@ -293,32 +324,47 @@ def _child(args) -> None:
                 gd = comfy.samplers.CFGGuider(model)
                 gd.set_conds(pos, neg)
                 gd.set_cfg(CFG)
-                o, m = measure(lambda: gd.sample(noise.expand(2, -1, -1, -1).clone(), lat2,
-                                                 comfy.samplers.ksampler("euler"), sigmas, disable_pbar=True,
-                                                 seed=0), model)
+                o, m = measure(lambda gd=gd, lat2=lat2: gd.sample(noise.expand(2, -1, -1, -1).clone(), lat2,
+                                                                  comfy.samplers.ksampler("euler"), sigmas,
+                                                                  disable_pbar=True, seed=0), model)
                 finish(fam, m, base_m, [o], 0, note="core CFGGuider on a batch of 2 latents: the UNet work of a "
                                                     "2-concept Semantic Guide step (4 rows per call)")
             elif fam == "capture":
                 patched, cap = AttentionCaptureNode.execute(model, clip, PROMPT, "cat", "lowres", 0.0, 1.0).result
-                out, m = measure(lambda: plain(patched), model)
+                out, m = measure(lambda patched=patched: plain(patched), model)
                 finish(fam, m, base_m, [out, cap.recorder.result()], state_bytes(cap))
             elif fam.startswith("invert_"):
                 method = fam[len("invert_"):]
 
-                def run():
-                    inv, start = ninv.InvertNode.execute(model, pos, neg, latent, sigmas, method, 0, CFG, 0).result
+                def replay(inv, start):
                     sampler = ninv.InversionSamplerNode.execute(inv).result[0]
                     gd = comfy.samplers.CFGGuider(model)
                     gd.set_conds(pos, neg)
                     gd.set_cfg(CFG)
-                    o = gd.sample(torch.zeros_like(latent["samples"]), start["samples"], sampler,
-                                  sigmas[-(inv.steps + 1):], disable_pbar=True, seed=0)
-                    return inv, start, o
+                    # the full sampling list: the sampler drops / replaces its final 0 as Invert did
+                    return gd.sample(torch.zeros_like(latent["samples"]), start["samples"], sampler, sigmas,
+                                     disable_pbar=True, seed=0)
+
+                def run(method=method):
+                    inv, start = ninv.InvertNode.execute(model, pos, neg, latent, sigmas, method, 0, CFG, 0).result
+                    return inv, start, replay(inv, start)
 
                 (inv, start, o), m = measure(run, model)
-                err = float((o - latent["samples"]).norm() / latent["samples"].norm())
-                finish(fam, m, base_m, [o, inv.noises, start["samples"]], state_bytes(inv),
-                       note=f"invert {inv.steps} + replay {inv.steps} steps; recon rel err {err:.1e}",
+                rel = lambda y: float((y - latent["samples"]).norm() / latent["samples"].norm())
+                err = rel(o)
+                note = f"invert {inv.steps} + replay {inv.steps} steps; recon rel err {err:.1e}"
+                if method == "eta":
+                    # Eta Inversion does not reconstruct by design: its replay is DDIM plus eta-scaled seeded
+                    # noise (the best of 10 candidates), so its error is DDIM inversion's. Not measured: the same
+                    # ladder replayed as plain DDIM (1 UNet call per step), which the eta error should match.
+                    ddim = dataclasses.replace(inv, method="ddim", noises=None, eta=torch.zeros(inv.steps))
+                    e_ddim = rel(replay(ddim, start))
+                    rel_gap = abs(err - e_ddim) / max(e_ddim, 1e-12)
+                    note += (f"; the same DDIM ladder replayed without noise: {e_ddim:.1e} "
+                             f"({'the same: ' if rel_gap < 1e-2 else ''}not exact by design, DDIM inversion's error, "
+                             f"large with random weights at {inv.steps} step(s); store_optimal_noise replays exactly, "
+                             f"tests/test_full_size_fixes.py)")
+                finish(fam, m, base_m, [o, inv.noises, start["samples"]], state_bytes(inv), note=note,
                        steps_ours=2 * inv.steps)
             elif fam in ("sega", "ledits++"):
                 cs = None
@@ -327,7 +373,7 @@ def _child(args) -> None:
                 guider, store = nsg.SemanticGuideNode.execute(model, pos, neg, cs, fam, CFG, True, 0.3, 0.6,
                                                               "intersect").result
 
-                def run():
+                def run(guider=guider):
                     return guider.sample(noise, latent["samples"], comfy.samplers.ksampler("euler"), sigmas,
                                          disable_pbar=True, seed=0)
 
@@ -341,7 +387,7 @@ def _child(args) -> None:
 
                 img = torch.rand(1, px, px, 3, generator=g)
                 with tempfile.TemporaryDirectory() as td, private_embeddings_output(td):
-                    res, m = measure(lambda: ncl.ConceptLearnNode.execute(
+                    res, m = measure(lambda img=img: ncl.ConceptLearnNode.execute(
                         model, clip, vae, img, "fs_a,fs_b", "cat,sofa", args.cl_steps, 5e-3, 1, 0, px,
                         save_every=0, overwrite=True).result, model)
                 finish(fam, m, base_m, [r for r in res if isinstance(r, torch.Tensor)], state_bytes(res),
@@ -369,7 +415,7 @@ def run_instruct(args, fam, model, clip, vae, M, measure, finish, base_m, log, p
 
     if args.model not in ("sd15", "tiny"):
         raise NotImplementedError("the IP2P fixture is SD1.5-shaped only")
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dt = torch_dtype(args.dtype)
     if args.model == "tiny":
         from comfy_harness.ip2p_fixtures import cached_ip2p_checkpoint
 
@@ -378,6 +424,7 @@ def run_instruct(args, fam, model, clip, vae, M, measure, finish, base_m, log, p
     else:
         p = F.ensure("ip2p", log=log)["sd15_ip2p_unet"]
         ip2p = comfy.sd.load_diffusion_model(str(p), model_options={"dtype": dt})
+    ip2p = with_compute_dtype(ip2p, args.dtype)
     log(f"IP2P model: {type(ip2p.model).__name__} / {type(ip2p.model.model_config).__name__}")
     px = SIZES[args.model]
     g = torch.Generator().manual_seed(1)
@@ -438,7 +485,8 @@ def run_crf(args) -> None:
     _, m0 = measure(lambda: kcl.masks_from_attention(maps, img, kcl.ConceptConfig(use_crf=False)))
     row = {"model": args.model, "dtype": "fp32", "family": "crf", "steps": args.steps, "px": px,
            "threads": args.threads, "ours": m, "plain": m0, "time_per_step_ours": m["time_s"],
-           "time_per_step_plain": m0["time_s"], "state_bytes": state_bytes(res), "nan": bad_values(res),
+           "time_per_step_plain": m0["time_s"], "cpu_per_step_ours": m["cpu_s"], "cpu_per_step_plain": m0["cpu_s"],
+           "state_bytes": state_bytes(res), "nan": bad_values(res),
            "note": f"mask refinement alone on the {h}x{h} grid: CRF on vs off (plain = softmax labels only)",
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     row_path(args.model, "fp32", "crf", args.steps).write_text(json.dumps(row, indent=1))
@@ -460,7 +508,7 @@ def run_pops(args) -> None:
     from photoops.nodes.comfy.models import module_patcher
     from photoops.nodes.comfy.pops import make_clip_vision_output
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dt = torch_dtype(args.dtype)
     cfg = bp.config(20)
     ref, ours = bp.build_pair(cfg, "cpu")
     ref, ours = ref.to(dt), ours.to(dt)
@@ -476,7 +524,8 @@ def run_pops(args) -> None:
     o2, m0 = measure(lambda: bp.diffusers_sample(ref, H, M, steps, 8.0, 0, "cpu", dt))
     row = {"model": "pops", "dtype": args.dtype, "family": "pops", "steps": steps, "px": 0,
            "threads": args.threads, "ours": m, "plain": m0, "time_per_step_ours": m["time_s"] / steps,
-           "time_per_step_plain": m0["time_s"] / steps, "state_bytes": 0,
+           "time_per_step_plain": m0["time_s"] / steps, "cpu_per_step_ours": m["cpu_s"] / steps,
+           "cpu_per_step_plain": m0["cpu_s"] / steps, "state_bytes": 0,
            "nan": bad_values(o[0].image_embeds, o2 if isinstance(o2, torch.Tensor) else None),
            "note": "Kandinsky 2.2 prior size (1.03 B), CFG 8, both networks resident; plain = diffusers "
                    "PriorTransformer + UnCLIPScheduler",
@@ -505,12 +554,31 @@ def _per_row(o: dict, p: dict) -> str:
     return f"{(o['time_s'] / o['rows']) / (p['time_s'] / p['rows']):.2f}"
 
 
+def _dt(r: dict) -> str:
+    """The dtype label; where the row recorded the UNet's output dtype and it differs from the label's, that too."""
+    lab = DTYPE_LABELS.get(r["dtype"], r["dtype"])
+    got = (r.get("ours") or {}).get("compute")
+    want = {"fp32": "float32", "bf16": "float32", "fp16": "float32", "bf16c": "bfloat16", "fp16c": "float16"}
+    if got and got != [want.get(r["dtype"])]:
+        lab += f" (**UNet ran in {'/'.join(got)}**)"
+    return lab
+
+
+def _cpu(r: dict) -> str:
+    """CPU seconds per step, ours / plain (ratio), or – for rows measured before CPU time was recorded."""
+    co, cp = r.get("cpu_per_step_ours"), r.get("cpu_per_step_plain")
+    if co is None or cp is None:
+        return "–"
+    return f"{co:.1f} / {cp:.1f} ({co / max(cp, 1e-9):.2f})"
+
+
 def fmt_row(r: dict) -> str:
     if "error" in r:
         return "FAILED " + r["error"]
     o, p = r["ours"], r["plain"]
     return (f"time/step {r['time_per_step_ours']:.1f} vs {r['time_per_step_plain']:.1f} s "
-            f"({r['time_per_step_ours'] / max(r['time_per_step_plain'], 1e-9):.2f}x), peak {_gib(o['peak'])} vs "
+            f"({r['time_per_step_ours'] / max(r['time_per_step_plain'], 1e-9):.2f}x; CPU {_cpu(r)}), peak "
+            f"{_gib(o['peak'])} vs "
             f"{_gib(p['peak'])} GiB ({o['peak'] / p['peak']:.3f}x; {_mib(o['peak'] - o['base'])} vs "
             f"{_mib(p['peak'] - p['base'])} MiB above the RSS before), state {r['state_bytes'] / 2**20:.2f} MiB, "
             f"nan {r['nan']}")
@@ -539,30 +607,108 @@ def table() -> str:
     order = {f: i for i, f in enumerate(FAMILIES)}
     rows.sort(key=lambda r: (["sd15", "sdxl", "pops"].index(r["model"]) if r["model"] in ("sd15", "sdxl", "pops")
                              else 9, order.get(r["family"], 99), r["dtype"]))
-    out = ["| model, size | family | dtype | steps | time/step ours / plain (s) | ratio | UNet calls (rows) ours / plain "
-           "| time per UNet row, ratio | peak RSS ours / plain (GiB) | ratio | above pre-run RSS ours / plain (MiB) "
-           "| our state (MiB) | NaN/Inf | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [("| model, size | family | dtype | steps | time/step ours / plain (s) | ratio | CPU s/step ours / plain "
+            "(ratio) | UNet calls (rows) ours / plain | time per UNet row, ratio | peak RSS ours / plain (GiB) | ratio "
+            "| above pre-run RSS ours / plain (MiB) | our state (MiB) | NaN/Inf | note |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = {"sd15": "SD1.5 512²", "sdxl": "SDXL 1024²", "pops": "Kandinsky prior"}.get(r["model"], r["model"])
         if r["family"] == "crf":
             size = f"{r['px'] // 8}² grid ({'SDXL 1024²' if r['px'] == 1024 else 'SD1.5 512²'})"
         lab = LABELS.get(r["family"], r["family"])
         if "error" in r:
-            out.append(f"| {size} | {lab} | {r['dtype']} | {r['steps']} | – | – | – | – | – | – | – | – | – | "
+            out.append(f"| {size} | {lab} | {_dt(r)} | {r['steps']} | – | – | – | – | – | – | – | – | – | – | "
                        f"**fails**: {r['error'].replace('|', '/')} |")
             continue
         o, p = r["ours"], r["plain"]
-        out.append(f"| {size} | {lab} | {r['dtype']} | {r['steps']} | {r['time_per_step_ours']:.1f} / "
+        out.append(f"| {size} | {lab} | {_dt(r)} | {r['steps']} | {r['time_per_step_ours']:.1f} / "
                    f"{r['time_per_step_plain']:.1f} | {r['time_per_step_ours'] / max(r['time_per_step_plain'], 1e-9):.2f} | "
-                   f"{_calls(o)} / {_calls(p)} | {_per_row(o, p)} | {_gib(o['peak'])} / {_gib(p['peak'])} | {o['peak'] / p['peak']:.3f} | "
+                   f"{_cpu(r)} | {_calls(o)} / {_calls(p)} | {_per_row(o, p)} | {_gib(o['peak'])} / {_gib(p['peak'])} | {o['peak'] / p['peak']:.3f} | "
                    f"{_mib(o['peak'] - o['base'])} / {_mib(p['peak'] - p['base'])} | "
                    f"{r['state_bytes'] / 2**20:.2f} | {'**yes**' if r['nan'] else 'no'} | {r.get('note', '')} |")
     threads = sorted({r.get("threads") for r in rows if r.get("threads")})
-    head = (f"Full-size bench (`bench/full_size.py`), random weights, CPU (2 cores, AVX2), torch threads "
+    head = (f"Full-size bench (`bench/full_size.py`), random weights, CPU (2 cores, AVX2, shared with other jobs: "
+            f"times vary by more than 2x between equal runs, compare the per-row ratios), torch threads "
             f"{'/'.join(map(str, threads))}, in-process ComfyUI; plain = core CFGGuider + euler at the same size, "
             f"steps (karras) and CFG {CFG}; measured side by side in one process per (model, dtype).\n")
-    return head + "\n" + "\n".join(out) + "\n"
+    return head + "\n" + "\n".join(out) + "\n" + tiny_table() + targets(rows)
+
+
+SAMPLING = ("capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "instruct_apply")
+
+
+def _load_rows(model: str) -> list:
+    out = []
+    for p in sorted(rows_dir().glob(f"{model}_*.json")):
+        r = json.loads(p.read_text())
+        if "family" in r:
+            out.append(r)
+    return out
+
+
+def tiny_table() -> str:
+    """The dtype sweep on the tiny CI fixture (64x64 px, 8x8 latent): every family in each half precision."""
+    rows = [r for r in _load_rows("tiny") if "error" in r or r["family"] in FAMILIES]
+    if not rows:
+        return ""
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    rows.sort(key=lambda r: (r["dtype"], order.get(r["family"], 99)))
+    out = ["", ("Half-precision sweep on the tiny CI fixture (SD1.5 format, 64x64 px, 1 step, `--models tiny`), "
+                "every family in each dtype:"), "",
+           "| dtype | family | time/step ours / plain (s) | peak RSS ratio | NaN/Inf | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lab = LABELS.get(r["family"], r["family"])
+        if "error" in r:
+            out.append(f"| {_dt(r)} | {lab} | – | – | – | **fails**: {r['error'].replace('|', '/')} |")
+            continue
+        note = ""
+        if r["family"].startswith("invert_"):
+            m = re.search(r"recon rel err ([-+.0-9e]+)", r.get("note", ""))
+            d = re.search(r"without noise: ([-+.0-9e]+)", r.get("note", ""))
+            note = (f"recon rel err {m.group(1)}" if m else "") + (f"; DDIM replay of the same ladder {d.group(1)}"
+                                                                    if d else "")
+        out.append(f"| {_dt(r)} | {lab} | {r['time_per_step_ours']:.1f} / {r['time_per_step_plain']:.1f} | "
+                   f"{r['ours']['peak'] / r['plain']['peak']:.3f} | {'**yes**' if r['nan'] else 'no'} | {note} |")
+    return "\n".join(out) + "\n"
+
+
+def targets(rows: list) -> str:
+    """Issue 16's measurable targets, computed from the cached rows."""
+    tiny = _load_rows("tiny")
+    out = ["", "Targets, from the rows above:", ""]
+    for dt in ("bf16", "fp16", "bf16c", "fp16c"):
+        rs = [r for r in rows + tiny if r["dtype"] == dt]
+        bad = [f"{r['model']} {r['family']}" for r in rs if "error" in r or r.get("nan")]
+        where = sorted({r["model"] for r in rs})
+        out.append(f"- {DTYPE_LABELS[dt]}: {len(rs)} rows ({', '.join(where) or 'none'}), "
+                   + (f"**failing or NaN: {', '.join(bad)}**" if bad else "no dtype error, no NaN/Inf"))
+    ref4 = {(r["model"], r["dtype"]): r for r in rows if r["family"] == "plain_4rows" and "error" not in r}
+    worst = []
+    for r in rows:
+        if r["family"] not in SAMPLING or "error" in r:
+            continue
+        ratio = r["ours"]["peak"] / r["plain"]["peak"]
+        q = ref4.get((r["model"], r["dtype"]))
+        if r["family"] in ("sega", "ledits++"):
+            if q is None:
+                worst.append((ratio, (f"{r['model']} {r['dtype']} {r['family']} {ratio:.3f} (4 rows vs 2; no 4-row "
+                                     f"plain measured)")))
+                continue
+            ratio = r["ours"]["peak"] / q["ours"]["peak"]
+        worst.append((ratio, f"{r['model']} {r['dtype']} {r['family']} {ratio:.3f}"))
+    if worst:
+        worst.sort()
+        over = [t for v, t in worst if v > 1.10]
+        out.append(f"- Sampling nodes' peak RSS vs plain sampling with the same UNet rows (target <= 1.10): "
+                   f"{len(worst)} rows, {worst[0][0]:.3f}-{worst[-1][0]:.3f}"
+                   + (f"; **over: {'; '.join(over)}**" if over else ""))
+    for r in rows:
+        if r["family"] == "crf" and "error" not in r:
+            add = (r["ours"]["peak"] - r["ours"]["base"]) - (r["plain"]["peak"] - r["plain"]["base"])
+            out.append(f"- Concept Learn mask refinement (CRF) at the {r['px'] // 8}x{r['px'] // 8} grid: "
+                       f"+{add / 2**20:.0f} MiB over the same refinement without CRF (target <= 1024 MiB at SDXL "
+                       f"1024²), {r['time_per_step_ours']:.0f} s")
+    return "\n".join(out) + "\n"
 
 
 def write_table() -> str:
@@ -576,7 +722,9 @@ def write_table() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["sd15"], choices=["sd15", "sdxl", "tiny"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES,
+                    help="bf16 / fp16: half-precision weights (ComfyUI computes in fp32 on a CPU); bf16c / fp16c: "
+                         "weights and compute (set_model_compute_dtype, as on a GPU)")
     ap.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--cl-steps", type=int, default=2, help="Concept Learn M-steps")
