@@ -236,7 +236,8 @@ def _failer(args, log):
 
     def fail(family, e):
         row = {"model": args.model, "dtype": args.dtype, "family": family, "steps": args.steps, "px": px,
-               "threads": args.threads, "error": f"{type(e).__name__}: {str(e)[:300]}",
+               "threads": args.threads, "mem_cap_gib": args.mem_cap_gib,
+               "error": f"{type(e).__name__}: {str(e)[:300]}",
                "when": time.strftime("%Y-%m-%d %H:%M:%S")}
         row_path(args.model, args.dtype, family, args.steps).write_text(json.dumps(row, indent=1))
         log(f"[{args.model} {args.dtype}] {family}: FAILED {row['error']}\n{traceback.format_exc()}")
@@ -248,6 +249,13 @@ def child(args) -> None:
     inference tensors, as in a real graph)."""
     import torch
 
+    if args.mem_cap_gib:
+        # a family that needs more fails in its own row ("can't allocate memory") instead of driving a shared
+        # machine into the kernel's OOM killer
+        import resource
+
+        cap = int(args.mem_cap_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     with torch.inference_mode():
         _child(args)
 
@@ -557,6 +565,8 @@ def _per_row(o: dict, p: dict) -> str:
 def _dt(r: dict) -> str:
     """The dtype label; where the row recorded the UNet's output dtype and it differs from the label's, that too."""
     lab = DTYPE_LABELS.get(r["dtype"], r["dtype"])
+    if r["model"] == "pops" and r["dtype"] != "fp32":
+        lab = f"{r['dtype']} weights + compute"     # the operator runs in its own dtype (no ComfyUI manual cast)
     got = (r.get("ours") or {}).get("compute")
     want = {"fp32": "float32", "bf16": "float32", "fp16": "float32", "bf16c": "bfloat16", "fp16c": "float16"}
     if got and got != [want.get(r["dtype"])]:
@@ -618,7 +628,9 @@ def table() -> str:
         lab = LABELS.get(r["family"], r["family"])
         if "error" in r:
             out.append(f"| {size} | {lab} | {_dt(r)} | {r['steps']} | – | – | – | – | – | – | – | – | – | – | "
-                       f"**fails**: {r['error'].replace('|', '/')} |")
+                       f"**fails**: {r['error'].replace('|', '/')}"
+                       + (f" (process capped at {r['mem_cap_gib']:g} GiB of address space; the machine has 24 GiB, "
+                          f"shared)" if r.get("mem_cap_gib") else "") + " |")
             continue
         o, p = r["ours"], r["plain"]
         out.append(f"| {size} | {lab} | {_dt(r)} | {r['steps']} | {r['time_per_step_ours']:.1f} / "
@@ -655,11 +667,12 @@ def tiny_table() -> str:
     rows.sort(key=lambda r: (r["dtype"], order.get(r["family"], 99)))
     out = ["", ("Half-precision sweep on the tiny CI fixture (SD1.5 format, 64x64 px, 1 step, `--models tiny`), "
                 "every family in each dtype:"), "",
-           "| dtype | family | time/step ours / plain (s) | peak RSS ratio | NaN/Inf | note |", "|---|---|---|---|---|---|"]
+           ("| dtype | family | time/step ours / plain (s) | CPU s/step ours / plain (ratio) | peak RSS ratio | NaN/Inf "
+           "| note |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
         lab = LABELS.get(r["family"], r["family"])
         if "error" in r:
-            out.append(f"| {_dt(r)} | {lab} | – | – | – | **fails**: {r['error'].replace('|', '/')} |")
+            out.append(f"| {_dt(r)} | {lab} | – | – | – | – | **fails**: {r['error'].replace('|', '/')} |")
             continue
         note = ""
         if r["family"].startswith("invert_"):
@@ -667,7 +680,7 @@ def tiny_table() -> str:
             d = re.search(r"without noise: ([-+.0-9e]+)", r.get("note", ""))
             note = (f"recon rel err {m.group(1)}" if m else "") + (f"; DDIM replay of the same ladder {d.group(1)}"
                                                                     if d else "")
-        out.append(f"| {_dt(r)} | {lab} | {r['time_per_step_ours']:.1f} / {r['time_per_step_plain']:.1f} | "
+        out.append(f"| {_dt(r)} | {lab} | {r['time_per_step_ours']:.1f} / {r['time_per_step_plain']:.1f} | {_cpu(r)} | "
                    f"{r['ours']['peak'] / r['plain']['peak']:.3f} | {'**yes**' if r['nan'] else 'no'} | {note} |")
     return "\n".join(out) + "\n"
 
@@ -676,11 +689,12 @@ def targets(rows: list) -> str:
     """Issue 16's measurable targets, computed from the cached rows."""
     tiny = _load_rows("tiny")
     out = ["", "Targets, from the rows above:", ""]
-    for dt in ("bf16", "fp16", "bf16c", "fp16c"):
-        rs = [r for r in rows + tiny if r["dtype"] == dt]
-        bad = [f"{r['model']} {r['family']}" for r in rs if "error" in r or r.get("nan")]
+    for lab in ("bf16 weights, fp32 compute", "fp16 weights, fp32 compute", "bf16 weights + compute",
+                "fp16 weights + compute"):
+        rs = [r for r in rows + tiny if _dt(r).startswith(lab)]
+        bad = [f"{r['model']} {r['family']}" for r in rs if "error" in r or r.get("nan") or "UNet ran" in _dt(r)]
         where = sorted({r["model"] for r in rs})
-        out.append(f"- {DTYPE_LABELS[dt]}: {len(rs)} rows ({', '.join(where) or 'none'}), "
+        out.append(f"- {lab}: {len(rs)} rows ({', '.join(where) or 'none'}), "
                    + (f"**failing or NaN: {', '.join(bad)}**" if bad else "no dtype error, no NaN/Inf"))
     ref4 = {(r["model"], r["dtype"]): r for r in rows if r["family"] == "plain_4rows" and "error" not in r}
     worst = []
@@ -730,6 +744,8 @@ def main():
     ap.add_argument("--cl-steps", type=int, default=2, help="Concept Learn M-steps")
     ap.add_argument("--pops-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mem-cap-gib", type=float, default=0,
+                    help="cap each (model, dtype) process's address space (RLIMIT_AS); 0 = none")
     ap.add_argument("--fresh", action="store_true", help="re-measure rows that are cached")
     ap.add_argument("--table", action="store_true", help="only print/write the table of the cached rows")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "DTYPE"), help=argparse.SUPPRESS)
@@ -744,7 +760,8 @@ def main():
         return child(args)
     if not args.table:
         base = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
-                "--cl-steps", str(args.cl_steps), "--pops-steps", str(args.pops_steps)] + (["--fresh"] if args.fresh else [])
+                "--cl-steps", str(args.cl_steps), "--pops-steps", str(args.pops_steps),
+                "--mem-cap-gib", str(args.mem_cap_gib)] + (["--fresh"] if args.fresh else [])
         for model in args.models:
             if "crf" in args.families and (args.fresh or not row_path(model, "fp32", "crf", args.steps).is_file()):
                 subprocess.run(base + ["--child", model, "fp32", "--standalone", "crf"], check=False)
