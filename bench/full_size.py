@@ -42,7 +42,7 @@ import _common
 import full_size_fixtures as F
 
 FAMILIES = ["plain_4rows", "capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "concept_learn",
-            "crf", "instruct_apply", "pops"]
+            "concept_learn_gc", "crf", "instruct_apply", "pops"]
 SIZES = {"sd15": 512, "sdxl": 1024, "tiny": 64}   # tiny: the CI fixture, a quick dtype sweep
 PROMPT = "a photo of a cat sitting on a red sofa"
 CFG = 5.0
@@ -390,16 +390,17 @@ def _child(args) -> None:
                     {k: v for k, v in vars(guider).items() if k not in ("model_patcher", "model_options", "conds",
                                                                         "original_conds", "inner_model")}),
                        note="2 concepts, target CFG: 4 rows per step vs 2")
-            elif fam == "concept_learn":
+            elif fam in ("concept_learn", "concept_learn_gc"):
                 from comfy_harness.inprocess import private_embeddings_output
 
                 img = torch.rand(1, px, px, 3, generator=g)
                 with tempfile.TemporaryDirectory() as td, private_embeddings_output(td):
                     res, m = measure(lambda img=img: ncl.ConceptLearnNode.execute(
                         model, clip, vae, img, "fs_a,fs_b", "cat,sofa", args.cl_steps, 5e-3, 1, 0, px,
-                        save_every=0, overwrite=True).result, model)
+                        save_every=0, overwrite=True, gradient_checkpointing=fam == "concept_learn_gc").result, model)
                 finish(fam, m, base_m, [r for r in res if isinstance(r, torch.Tensor)], state_bytes(res),
-                       note=f"{args.cl_steps} M-steps + E-steps (1 EM round, CRF on), batch 1, vs plain sampling",
+                       note=f"{args.cl_steps} M-steps + E-steps (1 EM round, CRF on), batch 1, vs plain sampling"
+                            + ("; gradient checkpointing on" if fam == "concept_learn_gc" else ""),
                        steps_ours=args.cl_steps)
             elif fam == "instruct_apply":
                 run_instruct(args, fam, model, clip, vae, M, measure, finish, base_m, log, plain)
@@ -597,7 +598,8 @@ def fmt_row(r: dict) -> str:
 LABELS = {"plain_4rows": "(reference) plain CFG sampling, batch 2 = 4 rows per call", "capture": "Attention Capture (lowres) + CFG sampling", "invert_ddpm": "Invert ddpm + Inversion Sampler replay",
           "invert_eta": "Invert eta + replay", "invert_dpmpp_2m_sde": "Invert dpmpp_2m_sde + replay",
           "sega": "Semantic Guide sega, 2 concepts", "ledits++": "Semantic Guide ledits++, 2 concepts",
-          "concept_learn": "Concept Learn (E-steps + M-steps)", "crf": "Concept Learn mask refinement (CRF) alone",
+          "concept_learn": "Concept Learn (E-steps + M-steps)",
+          "concept_learn_gc": "Concept Learn, gradient checkpointing (E-steps + M-steps)", "crf": "Concept Learn mask refinement (CRF) alone",
           "instruct_apply": "Instruction Apply (IP2P, DualCFG)", "pops": "Operator Apply (pOps, 1.03 B prior)"}
 
 

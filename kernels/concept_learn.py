@@ -345,9 +345,16 @@ class ConceptAttention(AttentionHook):
         self.keep_grad = False
         self._sums: dict = {}
         self._chosen: dict = {}      # latent hw -> factors used, learnt from the first full call
+        self._pending = None         # (hw, factors) from maps(), applied by the next start()
         self._hw = None
 
     def start(self, positions: dict, keep_grad: bool) -> None:
+        if self._pending is not None:
+            # the layout learnt by maps() takes effect only here, between model calls, so that a
+            # gradient-checkpointed backward (which re-runs the forward) records exactly as the
+            # forward did [D]
+            self._chosen.setdefault(*self._pending)
+            self._pending = None
         self.positions = {int(k): list(v) for k, v in positions.items()}
         self.keep_grad = keep_grad
         self._sums = {}
@@ -383,7 +390,8 @@ class ConceptAttention(AttentionHook):
         chosen = [f for f in factors if f in self.factors]
         if not chosen:
             chosen = [max(factors)]
-        self._chosen.setdefault(self._hw, set(chosen))
+        if self._hw not in self._chosen:
+            self._pending = (self._hw, set(chosen))
         out = {}
         for k in self.positions:
             parts = [self._sums[(f, k)] for f in chosen if (f, k) in self._sums]
@@ -686,10 +694,13 @@ def learn_concepts(den: GradDenoiser, text: ConceptText, hooks, latents: torch.T
                     amap = torch.stack([maps[k][0] for k in S])
                     m16 = F.interpolate(mk[S][None].float(), size=amap.shape[-2:], mode="nearest")[0]
                     loss = loss + attention_loss(amap, m16, cfg.lambda_attn)
-                rec.start({}, keep_grad=False)
                 opt.zero_grad(set_to_none=True)
                 # gradient for the concept vectors only: frozen weights never get a .grad
                 (vectors.grad,) = torch.autograd.grad(loss, [vectors])
+                # the recorder keeps this step's state through the backward pass: with gradient
+                # checkpointing the backward re-runs the UNet's blocks, and their attention calls
+                # must take the same path as in the forward [D]
+                rec.start({}, keep_grad=False)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_([vectors], cfg.grad_clip)
                 opt.step()

@@ -205,3 +205,38 @@ def test_an_altered_embedding_checkpoint_is_refused(env, tmp_path):
         f.write(bytes([b[0] ^ 0x21]))
     with pytest.raises(ChecksumError, match=r"cl_tamper-1\.safetensors is corrupt or was altered"):
         ncl.ConceptLearnNode._resume("conceptlearn/cl_tamper-1.safetensors", ["cl_tamper"], 768, 1)
+
+
+def test_gradient_checkpointing_learns_the_same_tokens_and_leaves_the_model_as_it_was(env, monkeypatch):
+    """Checkpointed blocks re-run the forward in the backward pass, attention hooks included: the
+    attention loss's gradient must still flow and the tokens must equal the plain run's; the UNet's
+    modules carry nothing of it afterwards."""
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+
+    def spy(fn, *a, **k):
+        calls.append(getattr(fn, "__self__", None))
+        return real(fn, *a, **k)
+
+    monkeypatch.setattr(tuc, "checkpoint", spy)
+    dm = env["model"].model.diffusion_model
+    before = {id(m): m.__dict__.get("forward") for m in dm.modules()}
+    kw = dict(steps=3, overwrite=True, lambda_attn=0.5, images=env["images"])
+    plain = _run(env, names="cl_gc_a, cl_gc_b", **kw).result
+    assert not calls
+    ckpt = _run(env, names="cl_gd_a, cl_gd_b", gradient_checkpointing=True, **kw).result
+    blocks = {type(m).__name__ for m in calls}
+    assert blocks == {"ResBlock", "BasicTransformerBlock"}, blocks
+    assert len(calls) >= 3 * sum(type(m).__name__ in blocks for m in dm.modules())   # every block, every M-step
+    assert {id(m): m.__dict__.get("forward") for m in dm.modules()} == before
+    for a, b in (("cl_gc_a", "cl_gd_a"), ("cl_gc_b", "cl_gd_b")):
+        va = read_concept_embedding(os.path.join(env["dir"], f"{a}.safetensors"))[0]
+        vb = read_concept_embedding(os.path.join(env["dir"], f"{b}.safetensors"))[0]
+        v0 = ComfyConceptText(env["clip"]).init_vector("dog" if a.endswith("a") else "room")
+        moved = float((va - v0).abs().max())
+        assert moved > 1e-3                                     # the tokens did learn
+        assert float((va - vb).abs().max()) <= 1e-5 * max(moved, 1.0), (a, float((va - vb).abs().max()))
+    assert torch.equal(plain[1], ckpt[1])                       # same masks
+    assert plain[4]["loss"] == pytest.approx(ckpt[4]["loss"], rel=1e-5)

@@ -1,12 +1,14 @@
 """Training: running a loaded ComfyUI model with gradients (Concept Learn).
 
 Touches ``BaseModel.apply_model`` (k-diffusion input, x0 output: ComfyUI's own
-``calculate_input`` / ``calculate_denoised``), SDXL's ``encode_adm``, ``process_latent_in`` and
-``comfy.model_management.load_models_gpu``.
+``calculate_input`` / ``calculate_denoised``), SDXL's ``encode_adm``, ``process_latent_in``,
+``comfy.model_management.load_models_gpu`` and, for gradient checkpointing, the UNet's
+``ResBlock`` / ``BasicTransformerBlock`` classes.
 """
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.model_management
 
@@ -72,3 +74,67 @@ def encode_images_for_training(model, vae, images: torch.Tensor) -> torch.Tensor
     with torch.no_grad():
         lat = vae.encode(images[..., :3])
         return model.model.process_latent_in(lat.float()).float().clone()
+
+
+def _frozen(v):
+    # UNet blocks share one transformer_options dict that SpatialTransformer rewrites before each
+    # block ("block_index"); the backward's recomputation must see the values of the forward call
+    return dict(v) if isinstance(v, dict) else v
+
+
+def _checkpointed(fn):
+    """``fn`` (a block's forward) recomputed in the backward pass instead of keeping its activations."""
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        args = tuple(_frozen(a) for a in args)
+        kwargs = {k: _frozen(v) for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+    forward.__wrapped__ = fn
+    return forward
+
+
+class gradient_checkpointing:
+    """For the ``with`` block: the UNet recomputes each ``ResBlock`` and ``BasicTransformerBlock`` in
+    the backward pass (activation memory: one block's instead of the whole UNet's).
+
+    Like :class:`~.models.normal_weight_copies`, it swaps something on the loaded model for the
+    node's own run and puts it back on exit: each block gets a ``forward`` attribute that calls the
+    block's own forward through ``torch.utils.checkpoint`` (non-reentrant: gradients through
+    attention maps recorded inside a block still flow, and a recomputation that diverges from the
+    forward raises); on exit the attribute is removed (or the one that was there is restored), so
+    the caller's MODEL runs exactly as before.  The blocks' ``transformer_options`` are copied at
+    call time.  Gradients equal the plain backward's to float rounding
+    (tests/test_comfy_concept_learn.py).  Without grad (E-steps) the blocks run as usual.
+    """
+
+    def __init__(self, diffusion_model, enabled: bool = True):
+        self.root = diffusion_model if enabled else None
+        self.swapped = []
+
+    def __enter__(self):
+        if self.root is None:
+            return self
+        from comfy.ldm.modules.attention import BasicTransformerBlock
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        for mod in self.root.modules():
+            if isinstance(mod, (ResBlock, BasicTransformerBlock)):
+                had = mod.__dict__.get("forward")
+                self.swapped.append((mod, had))
+                mod.forward = _checkpointed(had if had is not None else type(mod).forward.__get__(mod))
+        if not self.swapped:
+            raise UnsupportedModelError("gradient checkpointing: the model's UNet has no ResBlock / transformer "
+                                        "blocks")
+        return self
+
+    def __exit__(self, *exc):
+        for mod, had in reversed(self.swapped):
+            if had is None:
+                del mod.forward
+            else:
+                mod.forward = had
+        self.swapped = []
+        return False
