@@ -50,7 +50,7 @@ from photoops.kernels.schedule import VPSchedule
 
 from tools.toyworld.ip2p import IP2P_DIR, Edit, edit_metrics, ip2p_sample, load_ip2p
 from tools.toyworld.scorer import classify_pixels, score_batch
-from tools.toyworld.world import PALETTE_NAMES, SHAPES, render_batch, sample_scenes
+from tools.toyworld.world import PALETTE_NAMES, SHAPES, object_masks, render_batch, sample_scenes
 
 EFFECTS = {
     "blue": {"edit": Edit(fg="blue"), "text": "make it blue"},
@@ -95,6 +95,25 @@ def attribute_rates(outputs: torch.Tensor, targets: list, edit: Edit) -> dict:
     return {"changed": ok(changed), "kept": ok(kept)}
 
 
+def region_masks(scenes, kind: str) -> torch.Tensor:
+    """[B,1,H,W] regions a user would confine the edit to (issue 17 item 5): ``object`` = the object's
+    true mask grown by one pixel (a careful brush), ``box`` = its bounding box grown by two pixels (a
+    rough rectangle). ``background`` would lock nothing an edit of the object needs."""
+    import torch.nn.functional as F
+
+    m = object_masks(scenes).float()[:, None]
+    if kind == "object":
+        return F.max_pool2d(m, 3, 1, 1)
+    if kind == "box":
+        out = torch.zeros_like(m)
+        for i in range(len(scenes)):
+            ys, xs = torch.nonzero(m[i, 0], as_tuple=True)
+            h, w = m.shape[-2:]
+            out[i, 0, max(int(ys.min()) - 2, 0):min(int(ys.max()) + 3, h), max(int(xs.min()) - 2, 0):min(int(xs.max()) + 3, w)] = 1
+        return out
+    raise ValueError(f"unknown mask {kind!r}")
+
+
 def learn_kwargs(args) -> dict:
     """The :func:`kernels.instructbrush.learn` settings of the bench flags."""
     return {"steps": args.learn_steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch,
@@ -129,10 +148,13 @@ def run_effect(model, name: str, args) -> dict:
     hooks.add(hook)
     pred.range_fn = inst.range_of
 
-    def sample(c, hooked: bool):
+    masks = {"": None, **{m: region_masks(test, m) for m in args.masks}}
+
+    def sample(c, hooked: bool, mask: str = ""):
         pred._ensure_installed()
         return ip2p_sample(model, x_test, cond=c, steps=args.steps, s_text=args.s_text, s_image=args.s_image,
-                           seed=args.seed, unet=model.unet, holder=pred.holder if hooked else None)
+                           seed=args.seed, unet=model.unet, holder=pred.holder if hooked else None,
+                           mask=masks[mask])
 
     res = {"p0": p0, "tii": {k: tii[k] for k in ("px", "py")}, "pairs": args.pairs, "n": args.n}
     t0 = time.time()
@@ -141,12 +163,16 @@ def run_effect(model, name: str, args) -> dict:
 
     res["text"] = metrics(sample(model.encode_prompts([eff["text"]]), False))
     res["text"]["prompt"] = eff["text"]
+    for m in args.masks:
+        res[f"text|{m}"] = metrics(sample(model.encode_prompts([eff["text"]]), False, m))
     res["init"] = metrics(sample(cond, True))
     hook.reset_counts()
     t1 = time.time()
     out = ib.learn(inst, pred, before, after, model.scheduler.alphas_cumprod.float(), **learn_kwargs(args))
     learn_s = time.time() - t1
     res["learned"] = metrics(sample(cond, True))
+    for m in args.masks:
+        res[f"learned|{m}"] = metrics(sample(cond, True, m))
     for st in args.strengths:          # Instruction Apply's strength: K_0 + s (gamma - K_0)
         hook.strength = float(st)
         res[f"learned@{st:g}"] = metrics(sample(cond, True))
@@ -184,6 +210,8 @@ def main(argv=None):
     ap.add_argument("--eta", type=float, default=0.15)
     ap.add_argument("--strengths", type=float, nargs="*", default=[],
                     help="also apply the learned instruction at these strengths (arms learned@S)")
+    ap.add_argument("--masks", nargs="*", default=[], choices=["object", "box"],
+                    help="also sample the text and learned arms confined to these regions (a LATENT noise mask)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
@@ -199,9 +227,11 @@ def main(argv=None):
     for name in args.effects:
         r = run_effect(model, name, args)
         results["effects"][name] = r
-        for arm in ("text", "init", "learned", *[f"learned@{st:g}" for st in args.strengths]):
+        for arm in ("text", *[f"text|{m}" for m in args.masks], "init", "learned",
+                    *[f"learned|{m}" for m in args.masks], *[f"learned@{st:g}" for st in args.strengths]):
             m = r[arm]
-            instr = r["text"]["prompt"] if arm == "text" else r["p0"] + (" (+learned K/V)" if arm != "init" else "")
+            instr = (r["text"]["prompt"] if arm.startswith("text") else r["p0"] + (" (+learned K/V)" if arm != "init" else "")) \
+                + (f", confined to the {arm.split('|')[1]} mask" if "|" in arm else "")
             print(f"{name:15s} {arm:12s} {m['success']:8.3f} {m['changed']:8.3f} {m['kept']:6.3f} {m['preserve_mae']:9.4f} "
                   f"{m['target_mae']:7.4f}  {instr}")
         print(f"{'':15s} learn: {r['learn']}")

@@ -76,3 +76,23 @@ def test_committed_model_follows_text_instructions():
     res, _, _ = ip2p.evaluate_ip2p(m, n=12, seed=3, steps=10)
     # chance (all three attributes right by luck) is ~2 %; see tools/toyworld/ip2p_model/toy_info.json
     assert res["success"] >= 0.5, res
+
+
+def test_noise_mask_keeps_the_photo_outside_and_edits_inside():
+    """ip2p_sample's ``mask`` (a LATENT noise mask, as core samplers apply it): outside, the photo
+    exactly; inside, the same as the unmasked edit's first steps would make it (not the photo)."""
+    from tools.toyworld.world import object_masks
+
+    m = ip2p.load_ip2p()
+    scenes = sample_scenes(3, seed=5)
+    x = render_batch(scenes)
+    mask = object_masks(scenes).float()[:, None]
+    free = ip2p.ip2p_sample(m, x, ["make it blue"] * 3, steps=4, seed=1)
+    held = ip2p.ip2p_sample(m, x, ["make it blue"] * 3, steps=4, seed=1, mask=mask)
+    out = (1 - mask).expand_as(x).bool()
+    assert torch.equal(held[out], x[out])
+    inside = mask.expand_as(x).bool()
+    assert (held[inside] - x[inside]).abs().max() > 0.1          # the object was edited
+    assert not torch.equal(held, free)
+    full = ip2p.ip2p_sample(m, x, ["make it blue"] * 3, steps=4, seed=1, mask=torch.ones_like(mask))
+    assert torch.equal(full, free)                               # an all-ones mask changes nothing

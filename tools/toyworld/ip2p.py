@@ -265,21 +265,32 @@ def ip2p_sample(
     seed: int = 0,
     unet=None,
     holder=None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Edit ``images`` [B,3,32,32] with instructions (``prompts`` or precomputed ``cond`` features);
     DDIM (eta 0) from seeded noise, three-branch guidance. ``unet`` overrides the model's UNet;
-    ``holder``: see ``ip2p_eps`` (hooked attention)."""
+    ``holder``: see ``ip2p_eps`` (hooked attention).
+
+    ``mask`` [B,1,H,W] (1 = may change): outside it every step starts from the photo noised to the
+    step's level with the run's initial noise, and the result is the photo there — what a ComfyUI
+    sampler does with a LATENT's noise mask (core ``SetLatentNoiseMask``), the way a user confines
+    Instruction Apply to a region."""
     unet = unet or model.unet
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(images.shape, generator=g)
+    noise = x.clone()
     if cond is None:
         cond = model.encode_prompts(list(prompts))
     uncond = model.encode_prompts([""])
     sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(steps)
     for t in sched.timesteps:
+        if mask is not None:
+            x = mask * x + (1 - mask) * sched.add_noise(images, noise, t.reshape(1))
         eps = ip2p_eps(unet, x, t, images, cond, uncond, s_text, s_image, holder=holder)
         x = sched.step(eps, t, x).prev_sample
+    if mask is not None:
+        x = mask * x + (1 - mask) * images
     return x
 
 
