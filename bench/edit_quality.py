@@ -344,16 +344,22 @@ def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, sk
                                  cond_ids=[0, 1, 2, 3])
         sv = s.view(-1, 1, 1, 1)
         e = [(x - d) / sv for d in outs]
+        pp = dict(timestep=float(td.schedule.timestep(s[0])), return_masks=True, mask_rule=args.mask_rule,
+                  mask_mass=args.mask_mass, use_intersect=args.masks == "intersect",
+                  use_cross_attn=args.masks in ("intersect", "cross_attention"))
         if mode == "sega":
             e_hat = sg.guide(e[0], e[1], e[2:], state["step"], args.src_cfg)
-            remember(torch.stack([ksega.percentile_mask(ksega.concept_direction(ec, e[0], c), c.threshold,
-                                                        args.mask_rule, args.mask_mass).any(1)
-                                  & torch.tensor(c.warm(state["step"]) and not c.cooled(state["step"]))
-                                  for c, ec in zip(concepts, e[2:])]))
+            if args.masks == "noise":      # SEGA's own per-channel masks (any channel)
+                remember(torch.stack([ksega.percentile_mask(ksega.concept_direction(ec, e[0], c), c.threshold,
+                                                            args.mask_rule, args.mask_mass).any(1)
+                                      & torch.tensor(c.warm(state["step"]) and not c.cooled(state["step"]))
+                                      for c, ec in zip(concepts, e[2:])]))
+            else:                          # the Semantic Guide's region for sega: LEDITS++'s masks, reported only
+                remember(ksega.ledits_pp_guidance(e[0], e[2:], concepts, [r.result() for r in recs], state["step"],
+                                                  **pp)[1].amax(2))
         else:
             e_hat, masks = ksega.ledits_pp_guidance(e[0], e[2:], concepts, [r.result() for r in recs], state["step"],
-                                                    timestep=float(td.schedule.timestep(s[0])), return_masks=True,
-                                                    mask_rule=args.mask_rule, mask_mass=args.mask_mass)
+                                                    **pp)
             remember(masks.amax(2))
             e_hat = e_hat + args.src_cfg * (e[1] - e[0])     # replay the inversion's own prediction (Rule 2)
         state["step"] += 1
@@ -624,6 +630,9 @@ def main():
     ap.add_argument("--lock", choices=("none", "concepts"), default="none",
                     help="background lock of the semantic edits: from the concepts' own masks, in one pass")
     ap.add_argument("--lock-threshold", type=float, default=0.25, help="fraction of steps a concept acted")
+    ap.add_argument("--masks", choices=("intersect", "cross_attention", "noise"), default="intersect",
+                    help="the Semantic Guide's masks input: LEDITS++'s guidance masks; for LEDITS (SEGA) only the "
+                         "region reported to the lock (noise = SEGA's own per-channel masks, the old behaviour)")
     ap.add_argument("--lock-feather", type=float, default=0.0, help="lock edge softness, image pixels")
     ap.add_argument("--ptp-only", action="store_true", help="only the Prompt-to-Prompt rows (Eta/DDIM/DDPM + PtP)")
     ap.add_argument("--ptp-eta-only", action="store_true", help="with --ptp-only: only the Eta + PtP row (sweeps)")
@@ -667,7 +676,7 @@ def main():
     rows, meta = run(a)
     print(f"toy world {a.world}: {meta['n']} photos, {meta['steps']} steps, edit skip {meta['skip']}, target CFG "
           f"{meta['cfg']}, source CFG {meta['src_cfg']}, mask rule {a.mask_rule}"
-          f"{f' (mass {a.mask_mass:g})' if a.mask_rule == 'mass' else ''}, lock {a.lock}"
+          f"{f' (mass {a.mask_mass:g})' if a.mask_rule == 'mass' else ''}, masks {a.masks}, lock {a.lock}"
           f"{f' (threshold {a.lock_threshold:g}, feather {a.lock_feather:g})' if a.lock != 'none' else ''} "
           f"({meta['seconds']} s)")
     print("| method | reconstruction PSNR (dB) | edit success | background PSNR (dB) | PSNR vs true edit (dB) |")

@@ -139,14 +139,17 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
                       for i, c in enumerate(concepts)})
     recorders = []
     patched = model
-    if flow and mode == "ledits++" and concepts and mask_mode != "noise":
+    # masks from the concepts' attention: LEDITS++ gates its guidance with them; SEGA (which acts on
+    # every pixel's strongest channels) only reports them, as its masks output and a background lock's
+    # region [ours, issue 17]
+    if flow and concepts and mask_mode != "noise":
         for i, c in enumerate(concepts):                       # spec §3.4: the concept's tokens, double blocks
             if c.flow_positions is None:
                 raise ValueError(f"concept {i} ({c.text!r}) was encoded with a CLIP without an SD3 / Flux tokenizer: "
                                  f"use this model's text encoder in Edit Concept")
             recorders.append(make_recorder(c.flow_positions, cond_index=i_c0 + i, layers=("double",)))
         patched = attach_joint_capture(model, recorders)
-    elif mode == "ledits++" and concepts and mask_mode != "noise":
+    elif concepts and mask_mode != "noise":
         hooks = AttentionHooks()
         for i, c in enumerate(concepts):                       # spec §4.4 step 3: tokens 1..n_tok, 1/4-size layers
             recorders.append(hooks.add(TokenMapRecorder(list(range(1, c.n_tokens + 1)), prompt_len=77,
@@ -165,6 +168,16 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         for r in recorders:
             r.reset()
 
+    def region_masks(base, preds, step, timestep):
+        """``[K, B, h, w]``: LEDITS++'s masks of the concepts at this step (SEGA: reported, not applied)."""
+        _, masks = ksega.ledits_pp_guidance(base, preds, kcs, [r.result() for r in recorders], step,
+                                            timestep=timestep, use_intersect=mask_mode == "intersect",
+                                            use_cross_attn=mask_mode in ("intersect", "cross_attention"),
+                                            return_masks=True, mask_rule=mask_rule, mask_mass=mask_mass)
+        for r in recorders:
+            r.reset()
+        return masks.amax(2)
+
     def combine_flow(x_in, sigma, outs, step, cfg_denoised=None):
         # [ours] spec §4.1: the combination on D (= the eps-space result without momentum), float64 for the
         # concept terms; momentum in eps units through ``unit``; the target-CFG part as core's cfg_function
@@ -178,7 +191,9 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
             unit = -(1.0 - s) / s if s > 0 else 0.0          # eps difference per D difference (§4.1)
             sega.guide(ds[i_neg], ds[i_pos] if use_target else None, ds[i_c0:], step, cfg, unit=unit)
             semantic = sega.last_guidance
-            if kcs:
+            if kcs and recorders:
+                store.add(region_masks(ds[i_neg], ds[i_c0:], step, 1000.0 * s))
+            elif kcs:
                 store.add(torch.stack([
                     ksega.percentile_mask(ksega.concept_direction(d_c, ds[i_neg], c), c.threshold, mask_rule,
                                           mask_mass).any(1)
@@ -215,7 +230,9 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
             if sega.require_cfg_for_sega and cfg <= 1:      # the reference's no-CFG branch: e_t (or e_u)
                 return (x - s * e_hat).to(x_in.dtype).nan_to_num()
             semantic = sega.last_guidance                                   # (S9): e_hat = e_u + g_p + this
-            if kcs:   # preview: where each applied concept's percentile mask keeps guidance (any channel)
+            if kcs and recorders:   # the masks input's region (attention, and guidance for intersect)
+                store.add(region_masks(e_u, e_cs, step, float(schedule.timestep(sigma[0]))))
+            elif kcs:   # preview: where each applied concept's percentile mask keeps guidance (any channel)
                 store.add(torch.stack([
                     ksega.percentile_mask(ksega.concept_direction(e_c, e_u, c), c.threshold, mask_rule, mask_mass).any(1)
                     & torch.tensor(c.warm(step) and not c.cooled(step), device=e_u.device)
@@ -282,8 +299,11 @@ class SemanticGuideNode(io.ComfyNode):
                 io.Float.Input("momentum_beta", default=0.6, min=0.0, max=0.999, step=0.01,
                                tooltip="sega: momentum beta (LEDITS demo 0.6, SEGA 0.4)."),
                 io.Combo.Input("masks", options=["intersect", "cross_attention", "noise"], default="intersect",
-                               tooltip="ledits++: cross-attention mask AND noise-estimate mask (default), "
-                                       "cross-attention only, or noise-estimate only."),
+                               tooltip="ledits++: where guidance acts: cross-attention mask AND noise-estimate "
+                                       "mask (default), cross-attention only, or noise-estimate only. sega (which "
+                                       "acts on each channel's strongest values anywhere): the region the masks "
+                                       "output and an Inversion Sampler's background lock use; noise = SEGA's own "
+                                       "per-channel masks."),
                 io.Combo.Input("mask_rule", options=list(kmaps.MASK_RULES), default=DEFAULT_MASK_RULE,
                                tooltip="How a mask keeps pixels. percentile: the papers' rule, always the top "
                                        "(1 - threshold) of the image, whatever the object's size. otsu: a threshold "

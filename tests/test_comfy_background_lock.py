@@ -88,16 +88,18 @@ def test_feather_softens_the_edge(env):
         (soft[..., 4] - recon[..., 4]).abs().max()
 
 
-def test_one_pass_lock_from_the_semantic_guides_masks(env):
+@pytest.mark.parametrize("masks", ["noise", "cross_attention"])
+def test_one_pass_lock_from_the_semantic_guides_masks(env, masks):
     """The guide's own masks drive the lock during the same run: where no concept acted in >= threshold of
-    the steps (the final region, +1 latent pixel) the result is the reconstruction exactly."""
+    the steps (the final region, +1 latent pixel) the result is the reconstruction exactly. SEGA's region:
+    its per-channel guidance masks (noise) or the concept's cross-attention mask."""
     inv, _ = ninv.InvertNode.execute(env["model"], env["neg"], env["neg"], env["latent"], _sigmas(env["model"]),
                                      "ddpm", 0, 1.0, 3).result
     recon = env["model"].model.process_latent_out(inv.source_ladder[-1].clone())
     concept = nsg.EditConceptNode.execute(env["clip"], "blue square", direction="add", scale=7.0, threshold=0.9,
                                           warmup=0, cooldown=-1, weight=1.0).result[0]
     guider, store = nsg.SemanticGuideNode.execute(env["model"], env["neg"], env["neg"], concept, "sega", 1.0, False,
-                                                  0.0, 0.6, "intersect", "percentile").result
+                                                  0.0, 0.6, masks, "percentile").result
     sampler = ninv.InversionSamplerNode.execute(inv, concept_masks=store, feather=0.0, concept_threshold=0.5).result[0]
     out = _run(env, guider, sampler)
     region = store.lock_region(0.5)
@@ -140,3 +142,21 @@ def test_kernel_lock_equation():
     with pytest.raises(ValueError, match="reached level 5"):
         lock(x, 5)
     assert torch.equal(kinv.BackgroundLock(src, lambda i: None)(x, 1), x)
+
+
+def test_sega_reports_attention_masks_without_changing_its_guidance(env):
+    """In sega mode the masks input only chooses the reported region: the sampled result is the same
+    bits whether the concept's attention is recorded (cross_attention) or not (noise), and the two
+    stores hold different regions."""
+    inv, _ = ninv.InvertNode.execute(env["model"], env["neg"], env["neg"], env["latent"], _sigmas(env["model"]),
+                                     "ddpm", 0, 1.0, 3).result
+    concept = nsg.EditConceptNode.execute(env["clip"], "blue square", direction="add", scale=7.0, threshold=0.9,
+                                          warmup=0, cooldown=-1, weight=1.0).result[0]
+    outs, regions = [], []
+    for masks in ("noise", "cross_attention"):
+        guider, store = nsg.SemanticGuideNode.execute(env["model"], env["neg"], env["neg"], concept, "sega", 1.0,
+                                                      False, 0.3, 0.6, masks, "otsu").result
+        outs.append(_run(env, guider, ninv.InversionSamplerNode.execute(inv).result[0]))
+        regions.append(store.lock_region(0.25))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(regions[0], regions[1])
