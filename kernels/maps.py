@@ -118,7 +118,9 @@ def binarize(maps: torch.Tensor, mode: str = "quantile", value: float = 0.9) -> 
         return (maps >= q).to(maps.dtype)
     if mode == "threshold":
         return (normalize_max(maps) > value).to(maps.dtype)
-    raise ValueError(f"mode must be 'quantile' or 'threshold', got {mode!r}")
+    if mode == "otsu":          # [ours, issue 17] the map's own two-class split; ``value`` unused
+        return keep_mask(maps.flatten(1), "otsu").view_as(maps).to(maps.dtype)
+    raise ValueError(f"mode must be 'quantile', 'threshold' or 'otsu', got {mode!r}")
 
 
 def resize_map(maps: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:

@@ -144,12 +144,15 @@ class AttentionMaskNode(io.ComfyNode):
                 CAPTURE.Input("capture", tooltip="From Attention Capture."),
                 io.Latent.Input("samples", tooltip="The sampler's output LATENT; it makes this node run after sampling "
                                                    "and sets the mask size."),
-                io.Combo.Input("mode", options=["quantile", "threshold", "soft"], default="quantile",
-                               tooltip="quantile: keep the top (1 - value) of the map (LEDITS++). threshold: keep the "
-                                       "max-normalised map above value (Eta Inversion uses 0.2). soft: the "
+                io.Combo.Input("mode", options=["quantile", "threshold", "otsu", "soft"], default="quantile",
+                               tooltip="quantile: keep the top (1 - value) of the map (LEDITS++), a fixed share of "
+                                       "the image. threshold: keep the max-normalised map above value (Eta "
+                                       "Inversion uses 0.2). otsu: split the map's own histogram in two (follows the "
+                                       "object's size; value unused; a good background-lock mask). soft: the "
                                        "max-normalised map itself, no binarisation."),
                 io.Float.Input("value", default=0.8, min=0.0, max=1.0, step=0.01,
-                               tooltip="Quantile (mode quantile) or threshold (mode threshold), in [0, 1]."),
+                               tooltip="Quantile (mode quantile) or threshold (mode threshold), in [0, 1]; unused "
+                                       "by otsu and soft."),
                 io.Float.Input("blur", default=0.5, min=0.0, max=16.0, step=0.1,
                                tooltip="Gaussian blur sigma, in pixels of the recorded map, before binarising "
                                        "(LEDITS++ uses 0.5). 0 = none."),

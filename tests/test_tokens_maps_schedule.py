@@ -116,7 +116,7 @@ def test_threshold_mask_is_strict_on_max_normalised_map():
     with pytest.raises(ValueError):
         maps.binarize(a, "threshold", 1.5)
     with pytest.raises(ValueError):
-        maps.binarize(a, "otsu", 0.5)
+        maps.binarize(a, "median", 0.5)
 
 
 def test_heatmap_and_overlay_shapes_and_range():
@@ -175,6 +175,8 @@ def test_otsu_and_mass_follow_the_object_size_percentile_does_not(frac):
     otsu = keep_mask(v, "otsu").float().mean()
     assert abs(float(pct) - 0.1) < 0.01                       # always the top 10 %, whatever the object
     assert abs(float(otsu) - true_frac) < 0.01               # the object itself
+    m = maps.binarize(v.reshape(1, 32, 32), "otsu")             # Attention Mask's otsu mode: the same rule
+    assert torch.equal(m.reshape(1, -1).bool(), keep_mask(v, "otsu"))
     mass = keep_mask(v, "mass", mass=0.5)
     kept = v[mass].sum() / v.sum()
     assert kept >= 0.5                                        # holds the asked mass ...
