@@ -170,6 +170,13 @@ def run(args):
     region = region_maps(model, x0, src_caps, scenes, sig)
     eta_rows(", region > 0.2", (region > 0.2).float())
     eta_rows(", region top 25 %", kmaps.binarize(region[:, 0], "quantile", 0.75)[:, None])
+    # 2b. the DDPM caption swap with a background lock from the source colour word's attention during the
+    #     inversion (Attention Capture on Invert's model -> Attention Mask otsu -> Inversion Sampler lock_mask)
+    lock_m = kmaps.dilate(kmaps.binarize(region[:, 0], "otsu"))[:, None]
+    out = replay_sample(g_tgt, lad[n - skip], sig[skip:], noises=zs, start=skip,
+                        lock=BackgroundLock(lad[: n - skip + 1].flip(0), lock_m, skip=skip))
+    score_edit(f"DDPM inversion + lock from the colour word's attention (otsu, +1 px) (skip {skip})", out, None)
+    rows[-1]["mask_fraction"] = float(lock_m.mean())
     # 4. LEDITS (DDPM inversion + SEGA) and LEDITS++ (implicit masks): concepts "<old colour> <shape>"
     #    removed and "<new colour> <shape>" added (testing-offline.md §7.6), source prompt kept as target
     dpm = dpm_inversion(g_src, x0, sig, skip, args.seed)
