@@ -240,3 +240,35 @@ def test_gradient_checkpointing_learns_the_same_tokens_and_leaves_the_model_as_i
         assert float((va - vb).abs().max()) <= 1e-5 * max(moved, 1.0), (a, float((va - vb).abs().max()))
     assert torch.equal(plain[1], ckpt[1])                       # same masks
     assert plain[4]["loss"] == pytest.approx(ckpt[4]["loss"], rel=1e-5)
+
+
+def test_training_attention_has_a_backward_when_comfyui_chose_sub_quadratic(monkeypatch):
+    """The full-size bench's SDXL 1024² failure, reproduced small: once free memory is short, core's
+    sub-quadratic attention (its CPU default) chunks its scores and writes exp(..., out=...), which
+    autograd refuses. Training's override sends such calls to core's attention_pytorch while grad is
+    on: same values, a backward; calls without grad keep ComfyUI's choice."""
+    import comfy.ldm.modules.attention as attn
+    import comfy.model_management as mm
+    from photoops.nodes.comfy.training import grad_safe_attention
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: (1e4, 1e4))      # short of memory: chunked path
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 96, 64, generator=g, requires_grad=True) for _ in range(3))
+    with pytest.raises(RuntimeError, match="out="):
+        attn.attention_sub_quad(q, k, v, 2)
+    seen = []
+
+    def previous(func, *args, **kwargs):                 # another pack's override keeps being called
+        seen.append(func.__name__)
+        return func(*args, **kwargs)
+
+    opts = {"optimized_attention_override": grad_safe_attention(previous)}
+    out = attn.attention_sub_quad(q, k, v, 2, transformer_options=opts)
+    ref = attn.attention_basic(q.detach(), k.detach(), v.detach(), 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.square().sum().backward()
+    assert q.grad is not None and bool(q.grad.abs().sum() > 0)
+    assert seen == ["attention_pytorch"]
+    with torch.no_grad():                                # no grad: ComfyUI's own choice runs
+        plain = attn.attention_sub_quad(q, k, v, 2, transformer_options=opts)
+    assert seen[-1] == "attention_sub_quad" and torch.allclose(plain, ref, atol=1e-5)

@@ -533,7 +533,7 @@ def concept_learn() -> dict:
                 outputs=[("clip", "CLIP"), ("masks", "MASK"), ("mask_preview", "IMAGE"), ("prompt_hint", "STRING"),
                          ("loss", "LOSS_MAP")],
                 widgets=["cl_cup, cl_saucer", "cup, saucer", 400, 5e-4, 4, 0, "fixed", 512, 0.01, 1, True,
-                         True, 100, False, "", "none", "union"],
+                         True, 100, False, "", "none", "union", False],
                 title="Concept Learn")
     g.link(ckpt, 0, cl, "model")
     g.link(ckpt, 1, cl, "clip")

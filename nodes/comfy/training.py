@@ -50,6 +50,7 @@ class ComfyGradDenoiser:
         sigma = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(B)
         opts = dict(self.patcher.model_options.get("transformer_options", {}))
         opts.update({"cond_or_uncond": [0], "sigmas": sigma, "uuids": [None]})
+        opts["optimized_attention_override"] = grad_safe_attention(opts.get("optimized_attention_override"))
         extra = {}
         if isinstance(cond, dict):
             pooled = cond.get("pooled_output")
@@ -67,6 +68,30 @@ class ComfyGradDenoiser:
         ctx = cond.to(self.device).expand(B, -1, -1)
         out = model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=opts, **extra)
         return out.float()
+
+
+# ComfyUI attention functions whose code is not differentiable: sub-quadratic attention writes
+# exp(..., out=...) into its score chunks once memory is short (found at SDXL 1024² on a CPU, where
+# it is ComfyUI's default), split attention softmaxes in place, SageAttention has no backward
+NOT_DIFFERENTIABLE = ("attention_sub_quad", "attention_split", "attention_sage")
+
+
+def grad_safe_attention(previous=None):
+    """A ``transformer_options["optimized_attention_override"]`` for training: while autograd records,
+    a call to one of :data:`NOT_DIFFERENTIABLE` goes to core's ``attention_pytorch`` (the same maths
+    through ``scaled_dot_product_attention``, which has a backward); every other call, and every call
+    without grad (E-steps, sampling), runs the function ComfyUI chose.  ``previous``: an override
+    installed before (another pack's), still called."""
+    import comfy.ldm.modules.attention as attn
+
+    def override(func, *args, **kwargs):
+        if torch.is_grad_enabled() and getattr(func, "__name__", "") in NOT_DIFFERENTIABLE:
+            func = attn.attention_pytorch          # wrapped; the caller's _inside_attn_wrapper flag skips overrides
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    return override
 
 
 def encode_images_for_training(model, vae, images: torch.Tensor) -> torch.Tensor:
