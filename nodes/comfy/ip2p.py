@@ -12,6 +12,7 @@ import comfy.model_management
 
 from ...kernels.protocol import UnsupportedModelError
 from .models import ensure_supported, prediction_type, vp_schedule
+from .training import grad_safe_attention
 
 
 def ip2p_check(model) -> None:
@@ -60,5 +61,7 @@ class ComfyIP2PEps:
         ctx = (self.cond if text else self.uncond).to(self.device).expand(B, -1, -1)
         opts = dict(self.patcher.model_options.get("transformer_options", {}))
         opts.update({"cond_or_uncond": [0], "sigmas": sigma, "uuids": [None]})
+        # training: attention calls that have a backward (see training.grad_safe_attention)
+        opts["optimized_attention_override"] = grad_safe_attention(opts.get("optimized_attention_override"))
         x0 = self.patcher.model.apply_model(x, sigma, c_concat=img, c_crossattn=ctx, transformer_options=opts).float()
         return ((x - x0) / s).float()
