@@ -177,8 +177,8 @@ class ConceptLearnNode(io.ComfyNode):
                                        "draw (better shapes on our toy test; = textual inversion for 1 concept)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute each UNet block in the backward pass instead of keeping its "
-                                         "activations: much less memory per step (needed for SDXL at 1024 px on "
-                                         "most GPUs), about a third slower. Same result."),
+                                         "activations: less memory in the token steps (for SDXL at 1024 px), more "
+                                         "compute. Same result."),
             ],
             outputs=[
                 io.Clip.Output(display_name="clip", tooltip="The input CLIP, unchanged; the embeddings are in the "
