@@ -168,15 +168,28 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         for r in recorders:
             r.reset()
 
-    def region_masks(base, preds, step, timestep):
-        """``[K, B, h, w]``: LEDITS++'s masks of the concepts at this step (SEGA: reported, not applied)."""
-        _, masks = ksega.ledits_pp_guidance(base, preds, kcs, [r.result() for r in recorders], step,
-                                            timestep=timestep, use_intersect=mask_mode == "intersect",
-                                            use_cross_attn=mask_mode in ("intersect", "cross_attention"),
-                                            return_masks=True, mask_rule=mask_rule, mask_mass=mask_mass)
+    def ledits_pp(base, preds, step, timestep):
+        """LEDITS++'s guided prediction and its masks ``[K, B, h, w]`` at this step (recorders reset).
+        SEGA uses only the masks: the region it reports."""
+        maps = [r.result() for r in recorders] if recorders else None
+        guided, masks = ksega.ledits_pp_guidance(base, preds, kcs, maps, step, timestep=timestep,
+                                                 use_intersect=mask_mode == "intersect",
+                                                 use_cross_attn=mask_mode in ("intersect", "cross_attention"),
+                                                 return_masks=True, mask_rule=mask_rule, mask_mass=mask_mass)
         for r in recorders:
             r.reset()
-        return masks.amax(2)
+        return guided, masks.amax(2)
+
+    def sega_masks(base, preds, step, timestep):
+        """``[K, B, h, w]``: the region SEGA reports (masks output, background lock): the ``masks`` input's
+        (LEDITS++'s, when attention is recorded), else where each applied concept's own per-channel mask
+        keeps guidance (any channel)."""
+        if recorders:
+            return ledits_pp(base, preds, step, timestep)[1]
+        return torch.stack([ksega.percentile_mask(ksega.concept_direction(p, base, c), c.threshold, mask_rule,
+                                                  mask_mass).any(1)
+                            & torch.tensor(c.warm(step) and not c.cooled(step), device=base.device)
+                            for c, p in zip(kcs, preds)])
 
     def combine_flow(x_in, sigma, outs, step, cfg_denoised=None):
         # [ours] spec §4.1: the combination on D (= the eps-space result without momentum), float64 for the
@@ -191,25 +204,13 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
             unit = -(1.0 - s) / s if s > 0 else 0.0          # eps difference per D difference (§4.1)
             sega.guide(ds[i_neg], ds[i_pos] if use_target else None, ds[i_c0:], step, cfg, unit=unit)
             semantic = sega.last_guidance
-            if kcs and recorders:
-                store.add(region_masks(ds[i_neg], ds[i_c0:], step, 1000.0 * s))
-            elif kcs:
-                store.add(torch.stack([
-                    ksega.percentile_mask(ksega.concept_direction(d_c, ds[i_neg], c), c.threshold, mask_rule,
-                                          mask_mass).any(1)
-                    & torch.tensor(c.warm(step) and not c.cooled(step), device=d_u.device)
-                    for c, d_c in zip(kcs, ds[i_c0:])]))
+            if kcs:
+                store.add(sega_masks(ds[i_neg], ds[i_c0:], step, 1000.0 * s))
         else:
-            maps = [r.result() for r in recorders] if recorders else None
-            d_pp, masks = ksega.ledits_pp_guidance(ds[i_neg], ds[i_c0:], kcs, maps, step, timestep=1000.0 * s,
-                                                   use_intersect=mask_mode == "intersect",
-                                                   use_cross_attn=mask_mode in ("intersect", "cross_attention"),
-                                                   return_masks=True, mask_rule=mask_rule, mask_mass=mask_mass)
+            d_pp, masks = ledits_pp(ds[i_neg], ds[i_c0:], step, 1000.0 * s)
             semantic = d_pp - ds[i_neg]
             if kcs:
-                store.add(masks.amax(2))
-            for r in recorders:
-                r.reset()
+                store.add(masks)
         return (d_cfg + semantic.to(d_cfg.dtype)).nan_to_num()
 
     def combine(x_in, sigma, outs, step, cfg_denoised=None):
@@ -228,27 +229,17 @@ def build_guider(model, positive, negative, concepts, cfg, mode, momentum_scale,
         if mode == "sega":
             e_hat = sega.guide(e_u, e_t, e_cs, step, cfg)
             if sega.require_cfg_for_sega and cfg <= 1:      # the reference's no-CFG branch: e_t (or e_u)
+                for r in recorders:                           # nothing reported: this step's maps are dropped
+                    r.reset()
                 return (x - s * e_hat).to(x_in.dtype).nan_to_num()
             semantic = sega.last_guidance                                   # (S9): e_hat = e_u + g_p + this
-            if kcs and recorders:   # the masks input's region (attention, and guidance for intersect)
-                store.add(region_masks(e_u, e_cs, step, float(schedule.timestep(sigma[0]))))
-            elif kcs:   # preview: where each applied concept's percentile mask keeps guidance (any channel)
-                store.add(torch.stack([
-                    ksega.percentile_mask(ksega.concept_direction(e_c, e_u, c), c.threshold, mask_rule, mask_mass).any(1)
-                    & torch.tensor(c.warm(step) and not c.cooled(step), device=e_u.device)
-                    for c, e_c in zip(kcs, e_cs)]))
+            if kcs:
+                store.add(sega_masks(e_u, e_cs, step, float(schedule.timestep(sigma[0]))))
         else:
-            maps = [r.result() for r in recorders] if recorders else None
-            e_pp, masks = ksega.ledits_pp_guidance(e_u, e_cs, kcs, maps, step,
-                                                   timestep=float(schedule.timestep(sigma[0])),
-                                                   use_intersect=mask_mode == "intersect",
-                                                   use_cross_attn=mask_mode in ("intersect", "cross_attention"),
-                                                   return_masks=True, mask_rule=mask_rule, mask_mass=mask_mass)
+            e_pp, masks = ledits_pp(e_u, e_cs, step, float(schedule.timestep(sigma[0])))
             semantic = e_pp - e_u                                           # the masked concept guidance
             if kcs:
-                store.add(masks.amax(2))
-            for r in recorders:
-                r.reset()
+                store.add(masks)
         out = d_cfg - (s * semantic).to(d_cfg.dtype)
         return out.nan_to_num()                                        # guard: zero-norm guidance, 0/0
 

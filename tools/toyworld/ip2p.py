@@ -278,7 +278,7 @@ def ip2p_sample(
     unet = unet or model.unet
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(images.shape, generator=g)
-    noise = x.clone()
+    noise = x                      # x is rebound below, never written in place
     if cond is None:
         cond = model.encode_prompts(list(prompts))
     uncond = model.encode_prompts([""])
