@@ -337,11 +337,13 @@ class PromptToPromptControl:
         self.self_min_factor = int(self_min_factor)
         self.maps_log = None
         self.step, self.total = 0, 1
+        self.stash = {}           # (cross, layer key) -> (Q_s, K_s) of a source-only call (split batches)
         self.cross_hooks = ControlledHooks(self, cross=True)
         self.self_hooks = ControlledHooks(self, cross=False)
 
     def reset(self):
         self.step, self.total = 0, 1
+        self.stash = {}
         if self.blend is not None:
             self.blend.reset()
 
@@ -349,6 +351,7 @@ class PromptToPromptControl:
         if not 0 <= step < total:
             raise ValueError(f"step {step} is outside the run's {total} steps")
         self.step, self.total = int(step), int(total)
+        self.stash = {}
         if self.blend is not None:
             self.blend.set_step(step, total)
 
@@ -379,30 +382,65 @@ class PromptToPromptControl:
             r = r * self.eq.to(r)
         return r
 
+    def _needs_source(self, q, call, cross: bool) -> bool:
+        """Whether this layer, at this step, reads the source's queries and keys."""
+        (c_lo, c_hi), (s_lo, s_hi) = self.windows()
+        if cross:
+            return c_lo <= self.step < c_hi or self.blend is not None
+        h, _ = fold_sequence(q.shape[1], call.latent_hw)
+        return s_lo <= self.step < s_hi and -(-int(call.latent_hw[0]) // h) >= self.self_min_factor
+
+    def _source_qk(self, q, k, src, tgt, layer, cross: bool):
+        """``(Q_s, K_s)`` of the source rows paired with ``tgt``: from this call, or from the source-only call
+        that ran before it in the same step (a split batch, see :meth:`attend`)."""
+        if src:
+            if len(src) != len(tgt):
+                raise PromptToPromptError(f"this model call holds {len(tgt)} target and {len(src)} source rows; "
+                                          f"Prompt-to-Prompt pairs them image by image")
+            idx = torch.as_tensor(src, device=q.device)
+            return q.index_select(0, idx), k.index_select(0, idx)
+        kept = self.stash.pop((cross, layer.key), None)
+        if kept is None or kept[0].shape[0] != len(tgt):
+            raise PromptToPromptError(
+                "Prompt-to-Prompt needs the source rows in the same model call as the target rows, or in an earlier "
+                f"one of the same step; this call holds {len(tgt)} target rows and no source rows were kept for this "
+                "layer (ComfyUI split the batch and ran the target first)")
+        return kept[0].to(device=q.device), kept[1].to(device=k.device)
+
     def attend(self, q, k, v, heads, layer, call, attend, cross: bool):
+        """(P1)-(P6) on one layer call.
+
+        Split batches [ours]: when ComfyUI runs the conditionings of a step in separate model calls
+        (``calc_cond_batch`` splits the batch when free memory is short), a call holding the source rows but
+        no target rows keeps the source's queries and keys of each layer the control will read (the model's
+        dtype, source rows only, for the cross window or the blend and for the self-attention window); the
+        target-only call of the same step takes them from there and computes (P1)-(P8) as if both had run
+        together.  Core runs the conditionings with the highest indices first, and the guider gives the
+        source a higher index than the target, so the source comes first; a target with nothing kept is an
+        error.  The store is emptied at every :meth:`begin_step` and each entry when used.
+        """
         src, tgt = self.rows(call)
         if not tgt:
+            if src and self._needs_source(q, call, cross):
+                idx = torch.as_tensor(src, device=q.device)
+                self.stash[(cross, layer.key)] = (q.index_select(0, idx).detach(), k.index_select(0, idx).detach())
             return attend(q, k, v)
-        if not src or len(src) != len(tgt):
-            raise PromptToPromptError(
-                "Prompt-to-Prompt needs the source and target rows in the same model call, but this call holds "
-                f"{len(tgt)} target and {len(src)} source rows (ComfyUI split the batch, e.g. for memory)")
         (c_lo, c_hi), (s_lo, s_hi) = self.windows()
         if not cross:
-            h, _ = fold_sequence(q.shape[1], call.latent_hw)
-            factor = -(-int(call.latent_hw[0]) // h)
             out = attend(q, k, v)
-            if s_lo <= self.step < s_hi and factor >= self.self_min_factor:
-                ts, ss = torch.as_tensor(tgt, device=q.device), torch.as_tensor(src, device=q.device)
+            if self._needs_source(q, call, cross):
+                q_s, k_s = self._source_qk(q, k, src, tgt, layer, cross)
+                ts = torch.as_tensor(tgt, device=q.device)
                 out = out.clone()
-                out[ts] = attend(q.index_select(0, ss), k.index_select(0, ss), v.index_select(0, ts))   # (P6)
+                out[ts] = attend(q_s, k_s, v.index_select(0, ts))                                  # (P6)
             return out
         active = c_lo <= self.step < c_hi
         out = attend(q, k, v)
         if not active and self.blend is None:
             return out
-        cache = ProbabilityCache(q, k, heads)
-        p_src, p_tgt = cache.rows(src), cache.rows(tgt)
+        q_s, k_s = self._source_qk(q, k, src, tgt, layer, cross)
+        p_src = ProbabilityCache(q_s, k_s, heads).rows(range(len(tgt)))
+        p_tgt = ProbabilityCache(q, k, heads).rows(tgt)
         if active:
             p_new = self.edit(p_src, p_tgt)                                              # (P1), a_i = 1
             L, c = q.shape[1], q.shape[2]

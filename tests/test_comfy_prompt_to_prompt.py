@@ -194,3 +194,39 @@ def test_errors_before_anything_changes(env):
     with pytest.raises(PromptToPromptError, match="Inversion Sampler"):
         guider.sample(torch.zeros_like(lat), lat, comfy.samplers.sampler_object("euler"), _sigmas(model),
                       disable_pbar=True, seed=0)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "eta"])
+def test_split_batch_when_memory_is_short_equals_one_call(env, monkeypatch, method):
+    """With little free memory core's calc_cond_batch runs each conditioning in its own model call, highest
+    index first: the source (and on eta the source's negative) before the target.  The control keeps the
+    source's queries / keys for the target's call, so the edit (refine, reweight, local blend; on eta the
+    noise chosen while editing) equals the one-call run to the rounding the split brings to core CFG itself."""
+    import comfy.model_management as mm
+
+    inv = _invert(env, method, cfg=2.0, steps=3, **({"store_optimal_noise": True} if method == "eta" else {}))
+    kw = {"reweight_words": "blue", "reweight_value": 2.0, "blend_source_words": "red",
+          "blend_target_words": "blue", "blend_threshold": 0.3, "blend_start": 0.0}
+    joint, seen_joint, _ = _rows_seen(env, kw, inv)
+    sampler = ninv.InversionSamplerNode.execute(inv).result[0]
+    plain_joint = _sample(env, _cfg(env, env["tgt"]), sampler, steps=3)
+    real = mm.get_free_memory
+
+    def short(dev=None, torch_free_too=False):                         # no two conditionings fit together
+        return real(dev, torch_free_too) if torch_free_too else 0     # (attention's own chunking: unchanged)
+
+    monkeypatch.setattr(mm, "get_free_memory", short)
+    split, seen_split, _ = _rows_seen(env, kw, inv)
+    rounding = _rel(_sample(env, _cfg(env, env["tgt"]), sampler, steps=3), plain_joint)   # core CFG, split vs not
+    print(f"[split batch, {method}] PtP split vs one call {_rel(split, joint):.2e}; core CFG {rounding:.2e}")
+    n_rows = 4 if method == "eta" else 3
+    assert all(len(r) == n_rows for r, _ in seen_joint)
+    assert len(seen_split) == n_rows * len(seen_joint) and all(len(r) == 1 for r, _ in seen_split)
+    firsts = [r[0] for r, _ in seen_split]
+    for s in range(len(seen_joint)):                                 # per step: the source before the target
+        step = firsts[s * n_rows:(s + 1) * n_rows]
+        assert step.index(2) < step.index(0)
+    # tolerance: the split changes the batch size of every convolution and matmul, so core CFG itself moves
+    # (measured 7.6e-6 ddpm / 9.1e-6 eta over 3 steps); the PtP edit may move by a few times that, no more
+    assert _rel(split, joint) < 4 * rounding + 1e-6 and _rel(split, joint) < 1e-4
+    assert _rel(joint, _rows_seen(env, {}, inv)[0]) > 1e-3            # the control acted

@@ -99,14 +99,58 @@ def test_self_attention_takes_source_queries_and_keys_early_and_coarse():
     assert torch.allclose(c.self_hooks(q, k, v, heads, layer, coarse, att), att(q, k, v))     # late: own
 
 
-def test_split_batch_is_an_error_and_unrelated_calls_pass():
+def test_split_batch_target_first_is_an_error_and_unrelated_calls_pass():
     c = _control()
     q, k, v = torch.randn(2, 16, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     c.begin_step(0, 4)
-    with pytest.raises(kp.PromptToPromptError, match="same model call"):
+    with pytest.raises(kp.PromptToPromptError, match="ran the target first"):
         c.cross_hooks(q, k, v, 2, LayerInfo("x", "down", 0), _call([0, 1], 1), lambda *a: a[0])
     out = c.cross_hooks(q, k, v, 2, LayerInfo("x", "down", 0), _call([1, 2], 1), lambda *a: a[0])
     assert out is q
+    with pytest.raises(kp.PromptToPromptError, match="image by image"):
+        c.cross_hooks(torch.randn(3, 16, 8), torch.randn(3, 6, 8), torch.randn(3, 6, 8), 2,
+                      LayerInfo("x", "down", 0), _call([0, 0, 2], 1), lambda *a: a[0])    # 2 targets, 1 source
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_split_batch_source_first_equals_one_call(cross):
+    """ComfyUI's calc_cond_batch splits a step's conditionings into several calls when memory is short,
+    highest index first: the source (2) and the negative (1) run before the target (0).  The control keeps
+    the source's Q/K and gives the target the same result as the joint call; the store is emptied."""
+    torch.manual_seed(3)
+    heads, T = 2, 6
+    att = lambda a, b, cc: explicit_attention(a, b, cc, heads)  # noqa: E731
+    L = 16
+    kv_len = T if cross else L
+    q, k, v = torch.randn(3, L, 8), torch.randn(3, kv_len, 8), torch.randn(3, kv_len, 8)
+    layer, hw = LayerInfo("x", "up", 0), (8, 8)                   # 4x4 queries on an 8x8 latent: factor 2
+    results = []
+    for split in (False, True):
+        blend = kp.LocalBlend([1], [1], threshold=0.2, start=0.0)
+        c = _control(equalizer=kp.equalizer(T, [[2]], [2.0]), cross_steps=(0.0, 0.5), self_steps=(0.0, 0.5),
+                     blend=blend)
+        hooks = c.cross_hooks if cross else c.self_hooks
+        c.begin_step(1, 10)
+        if not split:
+            out = hooks(q, k, v, heads, layer, _call([0, 1, 2], 1, hw), att)
+        else:
+            o_s = hooks(q[2:], k[2:], v[2:], heads, layer, _call([2], 1, hw), att)
+            assert len(c.stash) == 1
+            o_n = hooks(q[1:2], k[1:2], v[1:2], heads, layer, _call([1], 1, hw), att)
+            o_t = hooks(q[:1], k[:1], v[:1], heads, layer, _call([0], 1, hw), att)
+            assert not c.stash                                      # used once, then dropped
+            out = torch.cat([o_t, o_n, o_s])
+        results.append((out, blend.region() if cross else None))
+    (joint, r_joint), (split, r_split) = results
+    assert not torch.allclose(joint[:1], att(q, k, v)[:1], atol=1e-3)        # the control acted
+    assert torch.allclose(split, joint, atol=1e-6)
+    if cross:
+        assert torch.equal(r_split, r_joint)
+    c.begin_step(2, 10)
+    hooks(q[2:], k[2:], v[2:], heads, layer, _call([2], 1, hw), att)
+    c.begin_step(3, 10)                                             # a new step forgets the old source
+    with pytest.raises(kp.PromptToPromptError, match="ran the target first"):
+        hooks(q[:1], k[:1], v[:1], heads, layer, _call([0], 1, hw), att)
 
 
 def test_local_blend_union_dilation_and_start():
