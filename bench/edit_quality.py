@@ -614,7 +614,7 @@ def flow_main(a):
     assert all(math.isfinite(r["bg_psnr"]) for r in rows)
 
 
-def main():
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", choices=("A", "B"), default="A",
                     help="toy world: A (defaults are chosen here) or B (smaller objects, its own model)")
@@ -668,7 +668,11 @@ def main():
     ap.add_argument("--flowedit-navg", type=int, default=FLOWEDIT_DEFAULTS["n_avg"], help="FlowEdit n_avg")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the table here")
-    a = ap.parse_args()
+    return ap
+
+
+def default_model(a):
+    """The world's toy model folder unless ``--model`` names one (exits if it is missing)."""
     if a.model is None:
         if a.flow:
             if a.world != "A":
@@ -678,6 +682,11 @@ def main():
             a.model = str(ROOT / "tools" / "toyworld" / ("model" if a.world == "A" else "model_b"))
     if not Path(a.model).is_dir():
         sys.exit(f"no toy model at {a.model}: train it (tools/toyworld/README.md) or pass --model")
+    return a
+
+
+def main(argv=None):
+    a = default_model(build_parser().parse_args(argv))
     if a.flow:
         return flow_main(a)
     rows, meta = run(a)

@@ -40,3 +40,17 @@ def test_ddpm_inversion_recolours_and_keeps_background(toy, src, dst, shape, bg)
     assert (sc["fg"], sc["shape"], sc["bg"]) == (dst, shape, bg)
     bgmask = ~world.object_masks([scene, edited]).any(0, keepdim=True)
     assert float(psnr(out, x0, bgmask)) > 25
+
+
+def test_ptp_sweep_picks_on_world_a_only():
+    """bench/ptp_sweep.py's rule: 12/12 on A, then the closest to the true edit on A; B never decides."""
+    import ptp_sweep
+
+    def r(sa, ta, sb=0.5, tb=20.0):
+        return {"A": {"success": sa, "truth": ta}, "B": {"success": sb, "truth": tb}}
+
+    res = {(0.4,): r(1.0, 30.0, sb=1.0, tb=40.0), (0.6,): r(1.0, 33.0), (0.8,): r(11 / 12, 35.0, sb=1.0)}
+    assert ptp_sweep.pick(res) == (0.6,)
+    assert ptp_sweep.pick({(0.8,): r(11 / 12, 35.0)}) is None
+    a = ptp_sweep.eq.default_model(ptp_sweep.eq.build_parser().parse_args(["--world", "B", "--ptp-only"]))
+    assert a.model.endswith("model_b") and a.ptp_only
