@@ -71,7 +71,9 @@ class EditConceptNode(io.ComfyNode):
                                tooltip="Edit guidance scale s_e (SEGA default 5; LEDITS paper 7; LEDITS++ 5-10)."),
                 io.Float.Input("threshold", default=0.9, min=0.0, max=0.999, step=0.005,
                                tooltip="Keep the strongest (1 - threshold) of the guidance per channel "
-                                       "(SEGA 0.9, LEDITS 0.95, LEDITS++ 0.9); higher = more local edit."),
+                                       "(SEGA 0.9, LEDITS 0.95, LEDITS++ 0.9); higher = more local edit. Read "
+                                       "only when the Semantic Guide's mask_rule is percentile (the papers' rule): "
+                                       "otsu (the default) and mass size the mask from the map itself."),
                 io.Int.Input("warmup", default=0, min=0, max=1000,
                              tooltip="Steps before the concept is applied, counted from the first step that "
                                      "runs (after an inversion's skip). LEDITS paper: 1; SEGA: 10."),
