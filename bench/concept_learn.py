@@ -14,7 +14,9 @@ reports the end-to-end time including its E-steps.
 
 Models: ``toy`` (tools/toyworld, 32x32 pixel space, 2-layer CLIP with 530 tokens) and
 ``sd`` (the SD1.5-shaped test UNet of tests/comfy_harness/fixtures.py, 320 channels, with a
-full-size random CLIP-L text encoder and 49408-token table, 4x32x32 latents).
+full-size random CLIP-L text encoder and 49408-token table, 4x32x32 latents) and ``sd15`` (full
+size: diffusers' UNet2DConditionModel in SD1.5's layout, 860 M random seeded weights, the same
+CLIP-L, 4x64x64 latents = 512 px photos).
 
     python bench/concept_learn.py [--models toy,sd] [--steps 30] [--threads 1] [--json out.json]
 """
@@ -90,7 +92,7 @@ def load(name: str):
         tm = ct.load()[0]
         _, imgs, _, gt = ct.photos("triangle", 4, seed=11)
         return tm.tokenizer, tm.text_encoder, tm.unet, VPSchedule(tm.scheduler.alphas_cumprod), imgs, gt[:, None].float()
-    if name == "sd":
+    if name in ("sd", "sd15"):
         from comfy_harness import fixtures
         from transformers import CLIPTokenizer
 
@@ -102,11 +104,19 @@ def load(name: str):
             from tiny import byte_tokenizer
             tok = byte_tokenizer()
         te = fixtures.build_clip_text_model(0)
-        unet = fixtures.build_diffusers_unet(0)
+        if name == "sd15":                       # full size: SD1.5's UNet layout (860 M, random, seeded), 512 px
+            from diffusers import UNet2DConditionModel
+
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+            hw = 64
+        else:
+            unet = fixtures.build_diffusers_unet(0)
+            hw = 32
         g = torch.Generator().manual_seed(0)
-        lat = torch.randn(2, 4, 32, 32, generator=g)
-        m = torch.zeros(2, 1, 32, 32)
-        m[:, :, 8:24, 6:26] = 1
+        lat = torch.randn(2, 4, hw, hw, generator=g)
+        m = torch.zeros(2, 1, hw, hw)
+        m[:, :, hw // 4:3 * hw // 4, hw * 3 // 16:hw * 13 // 16] = 1
         return tok, te, unet, VPSchedule.scaled_linear(), lat, m
     raise ValueError(name)
 
