@@ -5,7 +5,9 @@ Touches ``set_model_attn1_replace`` / ``set_model_attn2_replace`` (through :mod:
 ``CFGGuider`` (through :class:`.sampling.CombineGuider`) and CLIP tokenizers (through :mod:`.text`).
 
 :class:`PromptToPromptGuider` evaluates, in ONE batched model call per step, the target prompt and the
-negative at the sampler's latent and the source prompt at the source branch's latent.  The source branch
+negative at the sampler's latent and the source prompt at the source branch's latent (when core's
+``calc_cond_batch`` splits that batch for memory, the source's conditioning runs first, having the higher
+index, and the control carries its queries / keys to the target's call).  The source branch
 is anchored to the inversion (Eta Inversion spec §3 step 8): at step ``i`` its latent IS the inversion's
 source ladder at ``sigmas[i]``, whatever the inversion method (ddim, ddpm, eta, dpmpp_2m_sde), so the
 guider carries no source state, and the target is stepped by the Inversion Sampler with the inversion's
