@@ -199,7 +199,7 @@ def run(args):
 # (skip 0; cross 0.6 / 0.8; self 0.8; blend 0.5; reweight 1 / 3; eta paper_B) put cross 0.6 + self 0.8 first
 # (12/12, 43.2 dB background, 33.1 dB vs the true edit); the node keeps the paper's 0.4 / 0.6 as defaults.
 PTP_DEFAULTS = {"mode": "refine", "cross": 0.6, "self": 0.8, "reweight": 2.0, "blend": 0.3, "blend_start": 0.2,
-                "eta": "paper_A", "region": "q0.75"}
+                "blend_rule": "otsu", "eta": "paper_A", "region": "q0.75"}
 
 
 def ptp_setting(args) -> dict:
@@ -241,7 +241,8 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
     saved = dict(unet.attn_processors)
 
     def edit(start, src_ladder, noises, eta, chooser=None):
-        blend = kptp.LocalBlend([2], [2], st["blend"], st["blend_start"]) if st["blend"] > 0 else None
+        blend = (kptp.LocalBlend([2], [2], st["blend"], st["blend_start"], st["blend_rule"]) if st["blend"] > 0
+                 else None)
         eq = kptp.equalizer(T, [[2]], [st["reweight"]]) if st["reweight"] != 1.0 else None
         control = kptp.PromptToPromptControl(st["mode"], mapper, T, equalizer=eq, cross_steps=(0.0, st["cross"]),
                                              self_steps=(0.0, st["self"]), blend=blend)
@@ -261,7 +262,8 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
             unet.set_attn_processor(dict(saved))   # (diffusers empties the dict it is given)
 
     label = (f"{st['mode']}, cross {st['cross']:g}, self {st['self']:g}, reweight {st['reweight']:g}, "
-             f"blend {st['blend']:g} from {st['blend_start']:g}")
+             f"blend {st['blend_rule'] if st['blend_rule'] == 'otsu' else format(st['blend'], 'g')} "
+             f"from {st['blend_start']:g}")
     ladder = ddim_invert(g_src, x0, sig)
     src_ladder = ladder[: n - skip + 1].flip(0)
     etas = keta.per_step_eta(keta.PRESETS[st["eta"]], sig, td.schedule)
@@ -649,6 +651,8 @@ def build_parser():
     ap.add_argument("--ptp-reweight", type=float, default=None, help="PtP reweight of the target colour word")
     ap.add_argument("--ptp-blend", type=float, default=None, help="PtP local blend threshold (0 = off)")
     ap.add_argument("--ptp-blend-start", type=float, default=None, help="PtP local blend start fraction")
+    ap.add_argument("--ptp-blend-rule", choices=kptp.LocalBlend.RULES, default=None,
+                    help="PtP local blend mask: threshold (the paper's, --ptp-blend of the max) or otsu")
     ap.add_argument("--ptp-eta", choices=list(keta.PRESETS), default=None, help="eta preset for the Eta rows")
     ap.add_argument("--ptp-noise", choices=["editing", "inversion"], default="editing",
                     help="Eta + PtP: choose Eta's noise during the edit at the editing CFG (the node's default, the "

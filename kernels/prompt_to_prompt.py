@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionHooks, ProbabilityCache, fold_sequence
+from .maps import binarize
 
 __all__ = [
     "ControlledHooks",
@@ -219,20 +220,27 @@ class LocalBlend:
 
     ``src_positions`` / ``tgt_positions``: token positions of the blend words in each prompt.
     ``threshold`` (reference 0.3), ``start`` (fraction of the run's steps before blending,
-    reference 0.2).  It also speaks the Inversion Sampler's background-lock protocol
+    reference 0.2).  ``rule``: ``"threshold"`` (the reference: ``A / max A > threshold``) or
+    ``"otsu"`` [ours, issue 17's size-independent rule]: each branch's map split in two by its own
+    histogram (:func:`~.maps.binarize` ``otsu``), for models whose maps are flat, where a fixed
+    fraction of the maximum keeps the whole image (``threshold`` is then not read).  It also speaks the Inversion Sampler's background-lock protocol
     (``lock_region(threshold)``: the undilated union at attention size, or None before
     ``start``; the sampler dilates by one pixel and upsamples with nearest, which is (P7)),
     and ``mean(0)`` for Concept Masks.
     """
 
+    RULES = ("threshold", "otsu")
+
     def __init__(self, src_positions: Sequence[int], tgt_positions: Sequence[int], threshold: float = 0.3,
-                 start: float = 0.2):
+                 start: float = 0.2, rule: str = "threshold"):
         if not src_positions or not tgt_positions:
             raise PromptToPromptError("local blend needs at least one word in each prompt")
         if not 0.0 <= threshold < 1.0:
             raise PromptToPromptError(f"the blend threshold must be in [0, 1), got {threshold}")
+        if rule not in self.RULES:
+            raise PromptToPromptError(f"the blend rule must be one of {self.RULES}, got {rule!r}")
         self.positions = (list(src_positions), list(tgt_positions))
-        self.threshold, self.start = float(threshold), float(start)
+        self.threshold, self.start, self.rule = float(threshold), float(start), rule
         self.k = 1
         self.reset()
 
@@ -270,7 +278,7 @@ class LocalBlend:
         for b in (0, 1):
             a = self.sums[(b, f)]
             a = a / a.flatten(1).amax(1).view(-1, 1, 1)
-            m = a > self.threshold
+            m = binarize(a, "otsu") > 0 if self.rule == "otsu" else a > self.threshold
             out = m if out is None else out | m
         return out.float()
 

@@ -43,7 +43,8 @@ def _check_numbers(cross_replace=None, self_replace=None, blend_threshold=None, 
 
 
 def build_control(clip, source_prompt, target_prompt, mode, cross_replace, self_replace, reweight_words,
-                  reweight_value, blend_source_words, blend_target_words, blend_threshold, blend_start):
+                  reweight_value, blend_source_words, blend_target_words, blend_threshold, blend_start,
+                  blend_rule="threshold"):
     """The kernel control for the prompts; every error is raised here, before any model is touched."""
     _check_numbers(cross_replace, self_replace, blend_threshold, blend_start, blend_source_words, blend_target_words)
     src = prompt_tokens(clip, source_prompt, "source")
@@ -69,7 +70,8 @@ def build_control(clip, source_prompt, target_prompt, mode, cross_replace, self_
     if _words(blend_source_words):
         ps = word_positions(clip, source_prompt, blend_source_words, "blend_source_words")
         pt = word_positions(clip, target_prompt, blend_target_words, "blend_target_words")
-        blend = kptp.LocalBlend([p for x in ps for p in x], [p for x in pt for p in x], blend_threshold, blend_start)
+        blend = kptp.LocalBlend([p for x in ps for p in x], [p for x in pt for p in x], blend_threshold, blend_start,
+                                blend_rule)
     # source and target rows are distinct conditionings: indices in the guider's order (target, negative, source)
     return kptp.PromptToPromptControl(mode, mapper, T, equalizer=eq, cross_steps=(0.0, cross_replace),
                                       self_steps=(0.0, self_replace), blend=blend, source_index=2, target_index=0)
@@ -128,6 +130,11 @@ class PromptToPromptGuideNode(io.ComfyNode):
                                        "from the source branch at this guide's cfg (one more row per step). "
                                        "inversion: replay the noise Invert chose at its source_cfg (the same when "
                                        "the two CFGs are equal)."),
+                io.Combo.Input("blend_rule", options=list(kptp.LocalBlend.RULES), default="threshold", optional=True,
+                               tooltip="Local blend: how the word attention becomes a mask. threshold (the paper's): "
+                                       "above blend_threshold of its maximum. otsu: split by the map's own histogram "
+                                       "(ignores blend_threshold); for models whose word maps are flat, where the "
+                                       "threshold keeps the whole image and the blend does nothing."),
             ],
             outputs=[io.Guider.Output(display_name="GUIDER", tooltip="Connect to SamplerCustomAdvanced, with the "
                                                                      "Inversion Sampler as SAMPLER."),
@@ -145,14 +152,15 @@ class PromptToPromptGuideNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, source_prompt, target_prompt, negative, cfg, mode, cross_replace, self_replace,
                 reweight_words="", reweight_value=2.0, blend_source_words="", blend_target_words="",
-                blend_threshold=0.3, blend_start=0.2, noise_selection="editing") -> io.NodeOutput:
+                blend_threshold=0.3, blend_start=0.2, noise_selection="editing",
+                blend_rule="threshold") -> io.NodeOutput:
         refuse_flow(model, "Prompt-to-Prompt Guide edits UNet cross-attention maps (SD1.x / SD2.x / SDXL)",
                     "text and image share joint attention there; use the FlowEdit Guider + Sampler (source and target "
                     "prompts) or Invert (flow_noise_maps) + Inversion Sampler with a Semantic Guide")
         ensure_supported(model)
         control = build_control(clip, source_prompt, target_prompt, mode, cross_replace, self_replace,
                                 reweight_words, reweight_value, blend_source_words, blend_target_words,
-                                blend_threshold, blend_start)
+                                blend_threshold, blend_start, blend_rule)
         patched = attach_control(model, control)
         guider = PromptToPromptGuider(patched, encode_text(clip, target_prompt), negative,
                                       encode_text(clip, source_prompt), cfg, control, noise_selection)

@@ -154,16 +154,17 @@ def test_eta_noise_chosen_while_editing_at_the_editing_cfg(env):
     assert torch.isfinite(out_e1).all() and _rel(out_e1, out_i1) > 1e-3
 
 
-def test_blend_keeps_the_source_outside_and_model_is_untouched(env):
+@pytest.mark.parametrize("rule", ["threshold", "otsu"])
+def test_blend_keeps_the_source_outside_and_model_is_untouched(env, rule):
     model = env["model"]
     before = repr(model.model_options)
     inv = _invert(env, "eta", cfg=2.0)
     guider, blend = _guide(env, blend_source_words="red", blend_target_words="blue", blend_start=0.0,
-                           blend_threshold=0.99)
+                           blend_threshold=0.99, blend_rule=rule)
     assert repr(model.model_options) == before
     out = _sample(env, guider, ninv.InversionSamplerNode.execute(inv, concept_masks=blend, feather=0.0).result[0])
     assert repr(model.model_options) == before
-    region = blend.region()                       # threshold 0.99: about the maximum of each branch's map
+    region = blend.region()         # threshold 0.99: about the maximum of each branch's map; otsu: its high class
     assert region is not None and 0 < float(region.mean()) < 1
     m = torch.nn.functional.interpolate(torch.nn.functional.max_pool2d(region[:, None], 3, 1, 1), size=(8, 8),
                                         mode="nearest").bool().expand_as(out)
@@ -187,6 +188,8 @@ def test_errors_before_anything_changes(env):
         _guide(env, target=" ".join(["blue circle"] * 60))
     with pytest.raises(ValueError, match="both"):
         _guide(env, blend_source_words="red")
+    with pytest.raises(PromptToPromptError, match="blend rule"):
+        _guide(env, blend_source_words="red", blend_target_words="blue", blend_rule="percentile")
     assert nptp.PromptToPromptGuideNode.validate_inputs(cross_replace=1.5) is not True
     assert repr(model.model_options) == before
     guider = _guide(env)[0]                                         # a plain sampler has no inversion

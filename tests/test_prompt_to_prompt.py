@@ -485,3 +485,24 @@ def test_eta_ptp_with_inversion_cfg_1_equals_the_reference(setup):
     print(f"\nedit-time noise: maps {map_err:.2e}, latent {rel:.2e}; inversion-time noise: latent {rel_stored:.2e}")
     assert map_err < 2e-5 and rel < 1e-4
     assert rel_stored > 1e-2
+
+
+def test_local_blend_otsu_rule_on_flat_maps():
+    """On a flat map (every pixel above 0.3 of the maximum) the paper's threshold keeps the whole image, the
+    blend does nothing; the otsu rule [ours] keeps the map's own high class.  Bad rules are refused."""
+    flat = torch.full((1, 1, 16, 4), 0.6)
+    flat[0, 0, 5, 1] = 1.0                                         # the word's pixel (1, 1) of 4x4, a flat rest
+    flat[0, 0, 6, 1] = 0.95
+    layer, call = LayerInfo("x", "up", 0), _call([0], 1, (16, 16))
+    regions = {}
+    for rule in ("threshold", "otsu"):
+        b = kp.LocalBlend([1], [1], threshold=0.3, start=0.0, rule=rule)
+        b.set_step(0, 4)
+        b.record(0, flat, layer, call)
+        b.record(1, flat, layer, call)
+        regions[rule] = b.region()
+    assert regions["threshold"].all()
+    r = regions["otsu"]
+    assert r[0, 1, 1] == 1 and r[0, 1, 2] == 1 and r.sum() == 2
+    with pytest.raises(kp.PromptToPromptError, match="blend rule"):
+        kp.LocalBlend([1], [1], rule="percentile")

@@ -418,7 +418,8 @@ def inversion_eta_edit() -> dict:
     ptp = g.node("PhotoOps_PromptToPromptGuide",
                  inputs=[("model", "MODEL"), ("clip", "CLIP"), ("negative", "CONDITIONING")],
                  outputs=[("GUIDER", "GUIDER"), ("blend", "PHOTOOPS_CONCEPT_MASKS")],
-                 widgets=[CAT_SOURCE, CAT_TARGET, 7.5, "refine", 0.4, 0.6, "fox", 2.0, "cat", "fox", 0.3, 0.2, "editing"],
+                 widgets=[CAT_SOURCE, CAT_TARGET, 7.5, "refine", 0.4, 0.6, "fox", 2.0, "cat", "fox", 0.3, 0.2, "editing",
+                          "threshold"],
                  title="Prompt-to-Prompt Guide: cat -> fox", size=(400, 520))
     g.link(ckpt, 0, ptp, "model")
     g.link(ckpt, 1, ptp, "clip")
