@@ -223,7 +223,8 @@ class LocalBlend:
     reference 0.2).  ``rule``: ``"threshold"`` (the reference: ``A / max A > threshold``) or
     ``"otsu"`` [ours, issue 17's size-independent rule]: each branch's map split in two by its own
     histogram (:func:`~.maps.binarize` ``otsu``), for models whose maps are flat, where a fixed
-    fraction of the maximum keeps the whole image (``threshold`` is then not read).  It also speaks the Inversion Sampler's background-lock protocol
+    fraction of the maximum keeps the whole image (``threshold`` is then not read).
+    It also speaks the Inversion Sampler's background-lock protocol
     (``lock_region(threshold)``: the undilated union at attention size, or None before
     ``start``; the sampler dilates by one pixel and upsamples with nearest, which is (P7)),
     and ``mean(0)`` for Concept Masks.
@@ -433,7 +434,7 @@ class PromptToPromptControl:
                 idx = torch.as_tensor(src, device=q.device)
                 self.stash[(cross, layer.key)] = (q.index_select(0, idx).detach(), k.index_select(0, idx).detach())
             return attend(q, k, v)
-        (c_lo, c_hi), (s_lo, s_hi) = self.windows()
+        (c_lo, c_hi), _ = self.windows()
         if not cross:
             out = attend(q, k, v)
             if self._needs_source(q, call, cross):
