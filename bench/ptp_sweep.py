@@ -47,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worlds", nargs="+", choices=("A", "B"), default=["A", "B"])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--blend-rule", choices=("threshold", "otsu"), default="threshold",
+    ap.add_argument("--blend-rule", choices=eq.kptp.LocalBlend.RULES, default="threshold",
                     help="local blend mask (threshold: as the README's sweep, where it keeps the whole toy image)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -414,7 +414,7 @@ class PromptToPromptControl:
                 "Prompt-to-Prompt needs the source rows in the same model call as the target rows, or in an earlier "
                 f"one of the same step; this call holds {len(tgt)} target rows and no source rows were kept for this "
                 "layer (ComfyUI split the batch and ran the target first)")
-        return kept[0].to(device=q.device), kept[1].to(device=k.device)
+        return kept
 
     def attend(self, q, k, v, heads, layer, call, attend, cross: bool):
         """(P1)-(P6) on one layer call.
