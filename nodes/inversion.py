@@ -32,6 +32,7 @@ from .comfy.sampling import interrupt_check, ksampler, progress_bar, run_with_gu
 from .eta_schedule import ETA_SCHEDULE, EtaScheduleNode, build_schedule, parse_points  # noqa: F401 (re-exported)
 
 CONCEPT_MASKS = io.Custom("PHOTOOPS_CONCEPT_MASKS")   # Semantic Guide's second output
+AUTO_LOCKS = ("off", "edit")      # Inversion Sampler auto_lock: "edit" = kernels.inversion.EditLock
 INVERSION = io.Custom("PHOTOOPS_INVERSION")
 FOLDER = "photoops_inversions"
 
@@ -248,6 +249,8 @@ def _lock(inv: Inversion, spec: dict | None, latent_hw):
         raise ValueError("this INVERSION holds no source ladder (it was saved by an older PhotoOps): invert the "
                          "photo again to use the background lock")
     feather = float(spec["feather"]) / VAE_FACTOR                    # image pixels -> latent pixels
+    if spec.get("auto") == "edit":   # the mask the edit draws: where it moved away from the photo (otsu, +1 px)
+        return kinv.EditLock(inv.source_ladder, skip=inv.skip, start=float(spec["start"]), grow=1, feather=feather)
     if spec.get("mask") is not None:
         m = kmaps.soften_mask(kmaps.resize_map(spec["mask"].float(), latent_hw, mode="area"), feather)
         return kinv.BackgroundLock(inv.source_ladder, m, skip=inv.skip)
@@ -322,6 +325,14 @@ class InversionSamplerNode(io.ComfyNode):
                                             "each step the lock frees where the concepts acted in at least "
                                             "concept_threshold of the steps so far (+1 latent pixel); nothing is "
                                             "locked before the first step."),
+                io.Combo.Input("auto_lock", options=list(AUTO_LOCKS), default="off", optional=True,
+                               tooltip="Background lock with no mask to wire: 'edit' locks, at every step, all but "
+                                       "where the edit has moved away from the photo's own trajectory (Otsu's split "
+                                       "of that distance, +1 latent pixel). For local edits (a colour, an object); "
+                                       "not for global ones (style, light). Instead of lock_mask / concept_masks."),
+                io.Float.Input("auto_lock_start", default=0.25, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="auto_lock 'edit': nothing is locked before this fraction of the steps "
+                                       "(the edit first has to move away from the photo)."),
                 io.Float.Input("feather", default=8.0, min=0.0, max=256.0, step=1.0,
                                tooltip="Soft edge of the lock, in image pixels (Gaussian sigma). 0 = hard edge."),
                 io.Float.Input("concept_threshold", default=0.25, min=0.0, max=1.0, step=0.05,
@@ -341,10 +352,17 @@ class InversionSamplerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, lock_mask=None, concept_masks=None, feather=8.0, concept_threshold=0.25, rf_eta=0.9,
-                rf_start=0.0, rf_stop=0.38) -> io.NodeOutput:
-        if lock_mask is not None and concept_masks is not None:
-            raise ValueError("give the background lock either a lock_mask or concept_masks, not both")
-        if (lock_mask is not None or concept_masks is not None) and inversion.source_ladder is None:
+                rf_start=0.0, rf_stop=0.38, auto_lock="off", auto_lock_start=0.25) -> io.NodeOutput:
+        if auto_lock not in AUTO_LOCKS:
+            raise ValueError(f"auto_lock must be one of {AUTO_LOCKS}, got {auto_lock!r}")
+        given = [n for n, v in (("lock_mask", lock_mask), ("concept_masks", concept_masks),
+                                ("auto_lock 'edit'", None if auto_lock == "off" else auto_lock)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the background lock one of lock_mask, concept_masks or auto_lock, not "
+                             f"{' and '.join(given)}")
+        if auto_lock != "off" and not 0.0 <= float(auto_lock_start) <= 1.0:
+            raise ValueError(f"auto_lock_start must be in [0, 1], got {auto_lock_start}")
+        if given and inversion.source_ladder is None:
             raise ValueError("this INVERSION holds no source ladder (it was saved by an older PhotoOps): invert the "
                              "photo again to use the background lock")
         lock = None
@@ -356,6 +374,8 @@ class InversionSamplerNode(io.ComfyNode):
             lock = {"mask": m.float().cpu(), "feather": feather}
         elif concept_masks is not None:
             lock = {"concept_masks": concept_masks, "feather": feather, "threshold": concept_threshold}
+        elif auto_lock != "off":
+            lock = {"auto": auto_lock, "start": float(auto_lock_start), "feather": feather}
         rf = (rf_eta, rf_start, rf_stop) if inversion.method == "rf_inversion" else None
         if rf is not None and not rf_start <= rf_stop:
             raise ValueError(f"rf_start ({rf_start}) must not exceed rf_stop ({rf_stop})")

@@ -119,13 +119,21 @@ def test_lock_inputs_are_checked_and_the_ladder_is_saved(env, tmp_path):
     back = load_inversion(path)
     assert torch.equal(back.source_ladder, inv.source_ladder)
     mask = torch.ones(1, 64, 64)
-    with pytest.raises(ValueError, match="either a lock_mask or concept_masks"):
+    with pytest.raises(ValueError, match="one of lock_mask, concept_masks or auto_lock, not lock_mask and concept_masks"):
         ninv.InversionSamplerNode.execute(inv, lock_mask=mask, concept_masks=nsg.MaskStore(1))
+    with pytest.raises(ValueError, match="not lock_mask and auto_lock 'edit'"):
+        ninv.InversionSamplerNode.execute(inv, lock_mask=mask, auto_lock="edit")
+    with pytest.raises(ValueError, match="auto_lock must be one of"):
+        ninv.InversionSamplerNode.execute(inv, auto_lock="on")
+    with pytest.raises(ValueError, match=r"auto_lock_start must be in \[0, 1\]"):
+        ninv.InversionSamplerNode.execute(inv, auto_lock="edit", auto_lock_start=1.5)
     with pytest.raises(ValueError, match="2 masks, the inversion 1"):
         ninv.InversionSamplerNode.execute(inv, lock_mask=torch.ones(2, 64, 64))
     back.source_ladder = None                                            # an INVERSION saved before the lock
     with pytest.raises(ValueError, match="no source ladder"):
         ninv.InversionSamplerNode.execute(back, lock_mask=mask)
+    with pytest.raises(ValueError, match="no source ladder"):
+        ninv.InversionSamplerNode.execute(back, auto_lock="edit")
 
 
 def test_kernel_lock_equation():
@@ -142,6 +150,58 @@ def test_kernel_lock_equation():
     with pytest.raises(ValueError, match="reached level 5"):
         lock(x, 5)
     assert torch.equal(kinv.BackgroundLock(src, lambda i: None)(x, 1), x)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "eta"])
+def test_edit_lock_keeps_what_the_edit_did_not_move(env, method):
+    """auto_lock 'edit' (one pass, no mask wired): the result is the photo's own trajectory bit for bit
+    on the pixels the edit moved least, and the edit acts on the rest; with the source prompt nothing
+    moves, so the lock changes nothing."""
+    kw = {"store_optimal_noise": True} if method == "eta" else {}
+    inv, _ = ninv.InvertNode.execute(env["model"], env["pos"], env["neg"], env["latent"], _sigmas(env["model"]),
+                                     method, 1, 2.0, 3, **kw).result
+    exact = env["model"].model.process_latent_out(inv.source_ladder[-1].clone())
+    locked = ninv.InversionSamplerNode.execute(inv, auto_lock="edit", auto_lock_start=0.25, feather=0.0).result[0]
+    edit = _run(env, _cfg(env, env["tgt"], 5.0), locked)
+    free = _run(env, _cfg(env, env["tgt"], 5.0), ninv.InversionSamplerNode.execute(inv).result[0])
+    kept = (edit == exact).all(1)                                          # [1, 8, 8]: pixels left as the photo
+    assert 0 < int(kept.sum()) < kept.numel()                              # a partial region: the lock chose
+    k = kept[:, None].expand_as(edit)
+    assert (free[k] - exact[k]).abs().max() > 1e-2                         # without the lock these pixels moved
+    assert (edit[~k] - exact[~k]).abs().max() > 1e-2                       # the edit acted on the rest
+    recon = _run(env, _cfg(env, env["pos"]), ninv.InversionSamplerNode.execute(inv).result[0])
+    same = _run(env, _cfg(env, env["pos"]), locked)
+    assert float((same - recon).abs().max()) <= 1e-4 * float(recon.abs().max())
+
+
+def test_kernel_edit_lock_equations():
+    """(I16)-(I18): the pixels the candidate moved (grown by 1 px) keep it, the rest are the source level bit for
+    bit; nothing is locked before ``start``; a candidate that did not move at all is the source."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(5, 2, 3, 8, 8, generator=g)                         # 4 replayed steps from level skip=2
+    lock = kinv.EditLock(src, skip=2, start=0.5)
+    x = src[3].clone() + 1e-3 * torch.randn(2, 3, 8, 8, generator=g)      # small drift everywhere ...
+    x[0, :, 2:4, 2:5] += 3.0                                               # ... and a real edit in a block
+    x[1, :, 5:7, 0:2] -= 2.0
+    assert torch.equal(lock(x, 3), x) and lock.last is None                # level 3 = step 1 of 4 < start 0.5
+    y = lock(x, 5)
+    want = torch.zeros(2, 8, 8, dtype=torch.bool)
+    want[0, 1:5, 1:6] = True                                               # the block + 1 px
+    want[1, 4:8, 0:3] = True
+    assert torch.equal(lock.last[:, 0] > 0, want) and torch.equal(lock.last, lock.last.round())
+    w = want[:, None].expand_as(x)
+    assert torch.equal(y[w], x[w]) and torch.equal(y[~w], src[3][~w])
+    assert torch.equal(lock(src[4].clone(), 6), src[4])                    # no edit: the photo's trajectory
+    with pytest.raises(ValueError, match="reached level 7"):
+        lock(x, 7)
+    soft = kinv.EditLock(src, skip=2, start=0.0, feather=1.0)
+    soft(x, 5)
+    e = soft.last[0, 0]
+    assert 0 < float(e[0, 7]) < float(e[1, 6]) < float(e[1, 5]) < float(e[3, 3]) <= 1.0   # a feathered edge
+    with pytest.raises(ValueError, match="start"):
+        kinv.EditLock(src, start=1.5)
+    with pytest.raises(ValueError, match="grow and feather"):
+        kinv.EditLock(src, grow=-1)
 
 
 def test_sega_reports_attention_masks_without_changing_its_guidance(env):
