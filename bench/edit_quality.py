@@ -36,7 +36,7 @@ from photoops.kernels import maps as kmaps  # noqa: E402
 from photoops.kernels import prompt_to_prompt as kptp  # noqa: E402
 from photoops.kernels.attention import AttentionHooks, TokenMapRecorder  # noqa: E402
 from photoops.kernels.diffusers_adapter import DiffusersDenoiser  # noqa: E402
-from photoops.kernels.inversion import (BackgroundLock, ddim_invert, ddpm_invert, dpmpp_2m_sde_invert,  # noqa: E402
+from photoops.kernels.inversion import (BackgroundLock, EditLock, ddim_invert, ddpm_invert, dpmpp_2m_sde_invert,  # noqa: E402
                                         eta_inversion_noises, replay_dpmpp_2m_sde, replay_sample)
 from photoops.kernels.schedule import VPSchedule  # noqa: E402
 
@@ -127,6 +127,20 @@ def run(args):
 
     g_src, g_tgt = td.guided(src_caps, args.src_cfg), td.guided(tgt_caps, args.cfg)
     t0 = time.perf_counter()
+    if args.swap_only:      # the DDPM caption swap, without and with the edit lock (issue 17)
+        n = len(sig) - 1
+        x_start, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
+        recon = replay_sample(g_src, x_start, sig, noises=zs)
+        score_edit(f"DDPM inversion + target caption (skip {skip})",
+                   replay_sample(g_tgt, lad[n - skip], sig[skip:], noises=zs, start=skip), recon)
+        for st in args.lock_start:
+            lock = EditLock(lad[: n - skip + 1].flip(0), skip=skip, start=st)
+            out = replay_sample(g_tgt, lad[n - skip], sig[skip:], noises=zs, start=skip, lock=lock)
+            score_edit(f"DDPM inversion + target caption + edit lock (from {st:g} of the steps, otsu, +1 px)", out,
+                       None)
+            rows[-1]["mask_fraction"] = float(lock.last.mean())
+        return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
+                      "seconds": round(time.perf_counter() - t0, 1)}
     if args.ptp_only:
         ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, scenes, score_edit)
         return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
@@ -177,6 +191,13 @@ def run(args):
                         lock=BackgroundLock(lad[: n - skip + 1].flip(0), lock_m, skip=skip))
     score_edit(f"DDPM inversion + lock from the colour word's attention (otsu, +1 px) (skip {skip})", out, None)
     rows[-1]["mask_fraction"] = float(lock_m.mean())
+    # 2c. the same caption swap with the edit lock (the Inversion Sampler's auto_lock "edit"): the mask is
+    #     where the replay has moved away from the photo's ladder (otsu), from 25 % of the replayed steps
+    lock = EditLock(lad[: n - skip + 1].flip(0), skip=skip, start=args.lock_start[0])
+    out = replay_sample(g_tgt, lad[n - skip], sig[skip:], noises=zs, start=skip, lock=lock)
+    score_edit(f"DDPM inversion + edit lock (from {args.lock_start[0]:g} of the steps, otsu, +1 px) (skip {skip})",
+               out, None)
+    rows[-1]["mask_fraction"] = float(lock.last.mean())
     # 4. LEDITS (DDPM inversion + SEGA) and LEDITS++ (implicit masks): concepts "<old colour> <shape>"
     #    removed and "<new colour> <shape>" added (testing-offline.md §7.6), source prompt kept as target
     dpm = dpm_inversion(g_src, x0, sig, skip, args.seed)
@@ -241,8 +262,8 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
     saved = dict(unet.attn_processors)
 
     def edit(start, src_ladder, noises, eta, chooser=None):
-        blend = (kptp.LocalBlend([2], [2], st["blend"], st["blend_start"], st["blend_rule"]) if st["blend"] > 0
-                 else None)
+        blend = (kptp.LocalBlend([2], [2], st["blend"], st["blend_start"], st["blend_rule"])
+                 if st["blend"] > 0 and args.lock != "edit" else None)
         eq = kptp.equalizer(T, [[2]], [st["reweight"]]) if st["reweight"] != 1.0 else None
         control = kptp.PromptToPromptControl(st["mode"], mapper, T, equalizer=eq, cross_steps=(0.0, st["cross"]),
                                              self_steps=(0.0, st["self"]), blend=blend)
@@ -253,7 +274,9 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
                 lambda xs, xt, s: kptp.ptp_predict(den, xs, xt, s, c_src, c_tgt, td.uncond, args.cfg),
                 control, src_ladder, sig, skip, noise=chooser)
             lock = None
-            if blend is not None:
+            if args.lock == "edit":          # the edit lock instead of the blend's
+                lock = EditLock(src_ladder, skip=skip, start=args.lock_start[0])
+            elif blend is not None:
                 lock = BackgroundLock(src_ladder, lambda i: blend.mask(x0.shape[-2:]), skip=skip)
             with torch.no_grad():
                 return replay_sample(anchored, start, sig[skip:], noises=noises if chooser is None else chooser,
@@ -262,8 +285,9 @@ def ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, s
             unet.set_attn_processor(dict(saved))   # (diffusers empties the dict it is given)
 
     label = (f"{st['mode']}, cross {st['cross']:g}, self {st['self']:g}, reweight {st['reweight']:g}, "
-             f"blend {st['blend_rule'] if st['blend_rule'] == 'otsu' else format(st['blend'], 'g')} "
-             f"from {st['blend_start']:g}")
+             + (f"edit lock from {args.lock_start[0]:g}, no local blend" if args.lock == "edit" else
+                f"blend {st['blend_rule'] if st['blend_rule'] == 'otsu' else format(st['blend'], 'g')} "
+                f"from {st['blend_start']:g}"))
     ladder = ddim_invert(g_src, x0, sig)
     src_ladder = ladder[: n - skip + 1].flip(0)
     etas = keta.per_step_eta(keta.PRESETS[st["eta"]], sig, td.schedule)
@@ -376,9 +400,10 @@ def semantic_edit(model, mode, src_caps, scenes, tgt_scenes, ladder, zs, sig, sk
 
     n = len(sig) - 1
     lock = None
-    if args.lock == "concepts":     # the source levels the replay visits: the DPM ladder covers sig[skip:] only
+    if args.lock != "none":         # the source levels the replay visits: the DPM ladder covers sig[skip:] only
         src_ladder = (dpm[2] if dpm is not None else ladder[: n - skip + 1]).flip(0)
-        lock = BackgroundLock(src_ladder, lock_mask, skip=0 if dpm is not None else skip)
+        lock = (BackgroundLock(src_ladder, lock_mask, skip=0 if dpm is not None else skip) if args.lock == "concepts"
+                else EditLock(src_ladder, skip=0 if dpm is not None else skip, start=args.lock_start[0]))
     if dpm is not None:
         return replay_dpmpp_2m_sde(guided, dpm[0], sig[skip:], noises=dpm[1], lock=lock)
     return replay_sample(guided, ladder[n - skip], sig[skip:], noises=zs, start=skip, lock=lock)
@@ -636,8 +661,12 @@ def build_parser():
     ap.add_argument("--mask-rule", choices=("percentile", "otsu", "mass"), default="otsu",
                     help="SEGA / LEDITS++ mask rule (kernels.maps.keep_mask)")
     ap.add_argument("--mask-mass", type=float, default=0.5, help="mass fraction for --mask-rule mass")
-    ap.add_argument("--lock", choices=("none", "concepts"), default="none",
-                    help="background lock of the semantic edits: from the concepts' own masks, in one pass")
+    ap.add_argument("--lock", choices=("none", "concepts", "edit"), default="none",
+                    help="background lock of the semantic (and, for 'edit', PtP) edits: from the concepts' own masks, "
+                         "or from where the edit moved away from the photo (the edit lock), in one pass")
+    ap.add_argument("--lock-start", type=float, nargs="+", default=[0.25],
+                    help="edit lock: fraction of the replayed steps before it starts (--swap-only sweeps them)")
+    ap.add_argument("--swap-only", action="store_true", help="only the DDPM caption swap, with and without the edit lock")
     ap.add_argument("--lock-threshold", type=float, default=0.25, help="fraction of steps a concept acted")
     ap.add_argument("--masks", choices=("intersect", "cross_attention", "noise"), default="intersect",
                     help="the Semantic Guide's masks input: LEDITS++'s guidance masks; for LEDITS (SEGA) only the "
@@ -697,7 +726,8 @@ def main(argv=None):
     print(f"toy world {a.world}: {meta['n']} photos, {meta['steps']} steps, edit skip {meta['skip']}, target CFG "
           f"{meta['cfg']}, source CFG {meta['src_cfg']}, mask rule {a.mask_rule}"
           f"{f' (mass {a.mask_mass:g})' if a.mask_rule == 'mass' else ''}, masks {a.masks}, lock {a.lock}"
-          f"{f' (threshold {a.lock_threshold:g}, feather {a.lock_feather:g})' if a.lock != 'none' else ''} "
+          f"{f' (threshold {a.lock_threshold:g}, feather {a.lock_feather:g})' if a.lock == 'concepts' else ''}"
+          f"{f' (from {a.lock_start[0]:g} of the steps)' if a.lock == 'edit' else ''} "
           f"({meta['seconds']} s)")
     print("| method | reconstruction PSNR (dB) | edit success | background PSNR (dB) | PSNR vs true edit (dB) |")
     print("|---|---|---|---|---|")

@@ -325,14 +325,6 @@ class InversionSamplerNode(io.ComfyNode):
                                             "each step the lock frees where the concepts acted in at least "
                                             "concept_threshold of the steps so far (+1 latent pixel); nothing is "
                                             "locked before the first step."),
-                io.Combo.Input("auto_lock", options=list(AUTO_LOCKS), default="off", optional=True,
-                               tooltip="Background lock with no mask to wire: 'edit' locks, at every step, all but "
-                                       "where the edit has moved away from the photo's own trajectory (Otsu's split "
-                                       "of that distance, +1 latent pixel). For local edits (a colour, an object); "
-                                       "not for global ones (style, light). Instead of lock_mask / concept_masks."),
-                io.Float.Input("auto_lock_start", default=0.25, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip="auto_lock 'edit': nothing is locked before this fraction of the steps "
-                                       "(the edit first has to move away from the photo)."),
                 io.Float.Input("feather", default=8.0, min=0.0, max=256.0, step=1.0,
                                tooltip="Soft edge of the lock, in image pixels (Gaussian sigma). 0 = hard edge."),
                 io.Float.Input("concept_threshold", default=0.25, min=0.0, max=1.0, step=0.05,
@@ -346,6 +338,14 @@ class InversionSamplerNode(io.ComfyNode):
                 io.Float.Input("rf_stop", default=0.38, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="rf_inversion: the pull stops at this fraction of the steps (0.38: the "
                                        "reference example); later steps follow the guider alone."),
+                io.Combo.Input("auto_lock", options=list(AUTO_LOCKS), default="off", optional=True,
+                               tooltip="Background lock with no mask to wire: 'edit' locks, at every step, all but "
+                                       "where the edit has moved away from the photo's own trajectory (Otsu's split "
+                                       "of that distance, +1 latent pixel). For local edits (a colour, an object); "
+                                       "not for global ones (style, light). Instead of lock_mask / concept_masks."),
+                io.Float.Input("auto_lock_start", default=0.25, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="auto_lock 'edit': nothing is locked before this fraction of the steps "
+                                       "(the edit first has to move away from the photo)."),
             ],
             outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustomAdvanced.")],
         )

@@ -301,7 +301,7 @@ def _invert(g: Graph, model_src, positive, negative, enc, sched, method, skip, s
 def _replay(g: Graph, inv, guider, sched, ckpt, prefix, concept_masks=None, feather=8.0):
     smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION"), ("lock_mask", "MASK"),
                                                       ("concept_masks", "PHOTOOPS_CONCEPT_MASKS")],
-                 outputs=[("SAMPLER", "SAMPLER")], widgets=[feather, 0.25, 0.9, 0.0, 0.38])
+                 outputs=[("SAMPLER", "SAMPLER")], widgets=[feather, 0.25, 0.9, 0.0, 0.38, "off", 0.25])
     if concept_masks is not None:
         g.link(concept_masks[0], concept_masks[1], smp, "concept_masks")
     noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")])
@@ -845,7 +845,7 @@ def sd35_inversion_edit() -> dict:
     guider = _cfg_guider(g, ckpt, tgt, neg, 13.5, "Target caption, CFG 13.5")
     smp = g.node("PhotoOps_InversionSampler", inputs=[("inversion", "PHOTOOPS_INVERSION"), ("lock_mask", "MASK"),
                                                       ("concept_masks", "PHOTOOPS_CONCEPT_MASKS")],
-                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25, 0.9, 0.0, 0.38])
+                 outputs=[("SAMPLER", "SAMPLER")], widgets=[8.0, 0.25, 0.9, 0.0, 0.38, "off", 0.25])
     g.link(inv, 0, smp, "inversion")
     noise = g.node("DisableNoise", outputs=[("NOISE", "NOISE")])
     sca = _sca(g, noise, guider, smp, sched, inv, 1)
