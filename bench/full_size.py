@@ -41,10 +41,12 @@ sys.path.insert(0, str(HERE))
 import _common
 import full_size_fixtures as F
 
-FAMILIES = ["plain_4rows", "capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "concept_learn",
+FAMILIES = ["plain_4rows", "capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "ptp",
+            "ptp_split", "concept_learn",
             "concept_learn_gc", "crf", "instruct_apply", "pops"]
 SIZES = {"sd15": 512, "sdxl": 1024, "tiny": 64}   # tiny: the CI fixture, a quick dtype sweep
 PROMPT = "a photo of a cat sitting on a red sofa"
+PTP_TARGET = "a photo of a cat sitting on a blue sofa"    # Prompt-to-Prompt Guide rows: one word swapped (replace)
 CFG = 5.0
 # bf16 / fp16: the UNet's weights in that dtype, loaded as ComfyUI's loaders do (--bf16-unet / --fp16-unet); on a
 # CPU ComfyUI then computes in fp32 (its manual cast: model_management.unet_manual_cast). bf16c / fp16c: weights AND
@@ -325,6 +327,7 @@ def _child(args) -> None:
         f"{base_m['peak'] / 2**30:.2f} GiB (+{(base_m['peak'] - base_m['base']) / 2**20:.0f} MiB), "
         f"nan {base_m['nan']}")
 
+    ptp_joint = None            # the ptp row's result, for the ptp_split row to compare with
     for fam in todo:
         try:
             if fam == "plain_4rows":
@@ -390,6 +393,14 @@ def _child(args) -> None:
                     {k: v for k, v in vars(guider).items() if k not in ("model_patcher", "model_options", "conds",
                                                                         "original_conds", "inner_model")}),
                        note="2 concepts, target CFG: 4 rows per step vs 2")
+            elif fam in ("ptp", "ptp_split"):
+                o, m, note, state = run_ptp(fam, model, clip, pos, neg, latent, sigmas)
+                if fam == "ptp":
+                    ptp_joint = o
+                elif ptp_joint is not None:
+                    note += (f"; result vs the one-call ptp row: "
+                             f"{float((o - ptp_joint).norm() / ptp_joint.norm()):.1e} relative")
+                finish(fam, m, base_m, [o], state, note=note, steps_ours=2 * args.steps)   # ours: store_max_bytes
             elif fam in ("concept_learn", "concept_learn_gc"):
                 from comfy_harness.inprocess import private_embeddings_output
 
@@ -409,6 +420,86 @@ def _child(args) -> None:
         except Exception as e:  # noqa: BLE001 - recorded in the row, the table says which failed and why
             fail(fam, e)
         gc.collect()
+
+
+def ptp_split_memory():
+    """A context manager: ComfyUI's ``get_free_memory`` reports 0 B free (its own attention chunking still gets the
+    real figure), so core's ``calc_cond_batch`` runs every conditioning in its own model call, as on a device whose
+    memory is short (tests/test_comfy_prompt_to_prompt.py does the same)."""
+    import contextlib
+
+    import comfy.model_management as mm
+
+    @contextlib.contextmanager
+    def cm():
+        real = mm.get_free_memory
+
+        def short(dev=None, torch_free_too=False):
+            return real(dev, torch_free_too) if torch_free_too else 0
+        mm.get_free_memory = short
+        try:
+            yield
+        finally:
+            mm.get_free_memory = real
+    return cm()
+
+
+def track_store(control):
+    """Wraps ``control.attend`` (an instance attribute, so only this control) to record the largest size of its
+    split-batch store of source queries / keys (``control.stash``) after any layer call: ``box["max"]`` bytes,
+    ``box["entries"]`` layers at that moment."""
+    box = {"max": 0, "entries": 0}
+    inner = control.attend
+
+    def attend(*a, **k):
+        out = inner(*a, **k)
+        n = sum(t.numel() * t.element_size() for qk in control.stash.values() for t in qk)
+        if n > box["max"]:
+            box["max"], box["entries"] = n, len(control.stash)
+        return out
+    control.attend = attend
+    return box
+
+
+def run_ptp(fam, model, clip, pos, neg, latent, sigmas, measure_fn=None, unet_model=None, split_memory=None,
+            cross_replace=1.0, self_replace=1.0):
+    """Invert (``eta``, as the invert_eta row) + Prompt-to-Prompt Guide (replace "red" -> "blue", noise_selection
+    ``editing``: target, negative, source and the source's negative = 4 UNet rows per call) + Inversion Sampler
+    replay through the guider's ``sample`` (what SamplerCustomAdvanced calls).  Both windows open over the whole
+    run (cross_replace = self_replace = 1: at 1 step the paper's 0.4 / 0.6 open neither window, so the control would
+    not act), no blend.  ``ptp_split``: the same with free memory reported as 0, so every conditioning runs in its
+    own model call and the control keeps the source's Q/K between calls (``split_memory``: the context manager
+    that makes it so, default :func:`ptp_split_memory`).  Returns (latent, measurement, note, state bytes); the
+    measurement holds ``store_max_bytes``."""
+    import torch
+    from photoops.nodes import inversion as ninv
+    from photoops.nodes import prompt_to_prompt as nptp
+
+    measure_fn = measure_fn or measure
+    guider = nptp.PromptToPromptGuideNode.execute(model, clip, PROMPT, PTP_TARGET, neg, CFG, "replace", cross_replace,
+                                                  self_replace, noise_selection="editing").result[0]
+    box = track_store(guider.control)
+
+    def run():
+        inv, start = ninv.InvertNode.execute(model, pos, neg, latent, sigmas, "eta", 0, CFG, 0).result
+        sampler = ninv.InversionSamplerNode.execute(inv).result[0]
+        o = guider.sample(torch.zeros_like(latent["samples"]), start["samples"], sampler, sigmas,
+                          disable_pbar=True, seed=0)
+        return inv, o
+
+    if fam == "ptp_split":
+        with (split_memory or ptp_split_memory)():
+            (inv, o), m = measure_fn(run, unet_model or model)
+    else:
+        (inv, o), m = measure_fn(run, unet_model or model)
+    m["store_max_bytes"] = box["max"]
+    state = state_bytes(inv) + state_bytes(guider.control)
+    note = (f"Invert eta {inv.steps} step(s) + PtP Guide replay (replace red->blue, cross / self "
+            f"{cross_replace:g} / {self_replace:g}, "
+            f"noise_selection editing: 4 rows per step); split-batch store of source Q/K: max "
+            f"{box['max'] / 2**20:.1f} MiB ({box['entries']} layers)"
+            + ("; free memory reported as 0: every conditioning in its own call" if fam == "ptp_split" else ""))
+    return o, m, note, state
 
 
 def run_instruct(args, fam, model, clip, vae, M, measure, finish, base_m, log, plain):
@@ -598,9 +689,14 @@ def fmt_row(r: dict) -> str:
 LABELS = {"plain_4rows": "(reference) plain CFG sampling, batch 2 = 4 rows per call", "capture": "Attention Capture (lowres) + CFG sampling", "invert_ddpm": "Invert ddpm + Inversion Sampler replay",
           "invert_eta": "Invert eta + replay", "invert_dpmpp_2m_sde": "Invert dpmpp_2m_sde + replay",
           "sega": "Semantic Guide sega, 2 concepts", "ledits++": "Semantic Guide ledits++, 2 concepts",
+          "ptp": "Invert eta + Prompt-to-Prompt Guide replay (4 rows per call)",
+          "ptp_split": "Invert eta + Prompt-to-Prompt Guide replay, batch split by core (1 row per call)",
           "concept_learn": "Concept Learn (E-steps + M-steps)",
           "concept_learn_gc": "Concept Learn, gradient checkpointing (E-steps + M-steps)", "crf": "Concept Learn mask refinement (CRF) alone",
           "instruct_apply": "Instruction Apply (IP2P, DualCFG)", "pops": "Operator Apply (pOps, 1.03 B prior)"}
+
+
+FOUR_ROWS = ("sega", "ledits++", "ptp")   # families whose sampling call holds 4 UNet rows (vs plain CFG's 2)
 
 
 def table() -> str:
@@ -612,7 +708,7 @@ def table() -> str:
     ref4 = {(r["model"], r["dtype"]): r for r in rows if r["family"] == "plain_4rows" and "error" not in r}
     for r in rows:
         q = ref4.get((r["model"], r["dtype"]))
-        if r["family"] in ("sega", "ledits++") and q is not None and "error" not in r:
+        if r["family"] in FOUR_ROWS + ("ptp_split",) and q is not None and "error" not in r:
             r["note"] = (r.get("note", "") + f"; peak vs plain with the same 4 rows: "
                          f"{r['ours']['peak'] / q['ours']['peak']:.3f}x, time per row "
                          f"{(r['ours']['time_s'] / r['ours']['rows']) / (q['ours']['time_s'] / q['ours']['rows']):.2f}x")
@@ -648,7 +744,8 @@ def table() -> str:
     return head + "\n" + "\n".join(out) + "\n" + tiny_table() + targets(rows)
 
 
-SAMPLING = ("capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "instruct_apply")
+SAMPLING = ("capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "ptp", "ptp_split",
+            "instruct_apply")
 
 
 def _load_rows(model: str) -> list:
@@ -705,7 +802,7 @@ def targets(rows: list) -> str:
             continue
         ratio = r["ours"]["peak"] / r["plain"]["peak"]
         q = ref4.get((r["model"], r["dtype"]))
-        if r["family"] in ("sega", "ledits++"):
+        if r["family"] in FOUR_ROWS:       # ptp_split runs 1 row per call: against 2-row plain sampling
             if q is None:
                 worst.append((ratio, (f"{r['model']} {r['dtype']} {r['family']} {ratio:.3f} (4 rows vs 2; no 4-row "
                                      f"plain measured)")))
