@@ -7,7 +7,7 @@ each world given, and prints one row per setting.  The rule that picks the defau
 ground-truth edit (highest "PSNR vs true edit" on A).  World B's columns are reported beside it,
 never used to choose.
 
-    python bench/ptp_sweep.py --worlds A B [--blend-rule threshold|otsu] [--json out.json]
+    python bench/ptp_sweep.py --worlds A B [--blend-rule threshold|otsu] [--lock edit] [--jobs N] [--json out.json]
 
 The README's sweep used the paper's threshold blend (``--blend-rule threshold``, the default here), which
 keeps the whole image on the toy's flat maps; the bench's blend rule (otsu) was chosen on A afterwards.
@@ -27,11 +27,11 @@ GRID = {"cross": (0.4, 0.6, 0.8), "self": (0.6, 0.8, 1.0), "reweight": (2.0, 4.0
 
 
 def cell(world: str, cross: float, self_: float, reweight: float, cfg: float, threads: int,
-         blend_rule: str = "threshold") -> dict:
+         blend_rule: str = "threshold", lock: str = "none") -> dict:
     a = eq.default_model(eq.build_parser().parse_args(
         ["--world", world, "--ptp-only", "--ptp-eta-only", "--threads", str(threads), "--ptp-cross", str(cross),
          "--ptp-self", str(self_), "--ptp-reweight", str(reweight), "--cfg", str(cfg),
-         "--ptp-blend-rule", blend_rule]))
+         "--ptp-blend-rule", blend_rule, "--lock", lock]))
     (row,), _ = eq.run(a)
     return {"success": row["edit_success"], "bg": row["bg_psnr"], "truth": row["edit_psnr_vs_truth"],
             "wrong": row["wrong"]}
@@ -49,11 +49,24 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--blend-rule", choices=eq.kptp.LocalBlend.RULES, default="threshold",
                     help="local blend mask (threshold: as the README's sweep, where it keeps the whole toy image)")
+    ap.add_argument("--lock", choices=("none", "edit"), default="none",
+                    help="edit: the Inversion Sampler's edit lock in place of the local blend")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (one thread each)")
+    for name, values in GRID.items():
+        ap.add_argument(f"--{name}", type=float, nargs="+", default=list(values), help=f"grid values of {name}")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    results = {}
-    for key in itertools.product(*GRID.values()):
-        results[key] = {w: cell(w, *key, args.threads, args.blend_rule) for w in args.worlds}
+    keys = list(itertools.product(*(getattr(args, name) for name in GRID)))
+    jobs = [(w, *k, args.threads, args.blend_rule, args.lock) for k in keys for w in args.worlds]
+    if args.jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.starmap(cell, jobs)
+    else:
+        done = [cell(*j) for j in jobs]
+    results = {k: {} for k in keys}
+    for j, r in zip(jobs, done):
+        results[tuple(j[1:5])][j[0]] = r
     chosen = pick(results)
     cols = " | ".join(f"world {w}: success / bg dB / vs truth dB" for w in args.worlds)
     print(f"| cross | self | reweight | CFG | {cols} |")
