@@ -450,7 +450,7 @@ class EditLock(BackgroundLock):
     the replayed steps (0.25, chosen on world A; the edit first needs to move away from the photo).
     A divergence map that is zero everywhere (no edit) locks everything: the result is the photo's
     own trajectory.  Choices where the papers are silent [ours]: the L2 norm over channels, Otsu on the
-    per-image min-max normalised map, a per-step (not accumulated) mask — accumulating it kept 15 dB
+    per-image min-max normalised map, a per-step (not accumulated) mask — accumulating it kept 14 dB
     less background on world A.  Not for global edits (style, lighting): the lock keeps whatever
     moved least as the photo.
 
