@@ -240,6 +240,23 @@ def test_background_lock_keeps_the_source_outside_the_mask():
     assert torch.equal(out[..., :3], ode[0][..., :3])
 
 
+def test_edit_lock_on_a_flow_replay():
+    """The edit lock (kernels.inversion.EditLock) on a flow replay: where its last mask is 0 the result is the
+    photo's latent bit for bit, where it is 1 the other model's edit; the inverting model itself moves nothing,
+    so it replays the photo."""
+    from photoops.kernels.inversion import EditLock
+
+    toy, x0, s = Toy(gain=1.5), latent(), shifted(6)
+    x_start, zs, ladder = rf_ancestral_invert(toy, x0, s, generator=torch.Generator().manual_seed(2))
+    lock = EditLock(ladder.flip(0), start=0.0)
+    out = rf_ancestral_sample(Toy(seed=5, gain=1.5), x_start, s, noises=zs, lock=lock)
+    kept = (lock.last == 0).expand_as(out)
+    assert 0 < int(kept.sum()) < kept.numel()
+    assert torch.equal(out[kept], ladder[0][kept]) and rel(out[~kept], ladder[0][~kept]) > 1e-2
+    same = rf_ancestral_sample(toy, x_start, s, noises=zs, lock=EditLock(ladder.flip(0), start=0.0))
+    assert rel(same, x0) < 1e-5
+
+
 def test_kernels_take_their_device_from_the_inputs():
     """Every path on the meta device (as tests/test_device_discipline.py does for the VP kernels): a tensor
     made on the CPU and mixed in would raise "expected device meta", as it would on CUDA."""
