@@ -152,7 +152,7 @@ def test_kernel_lock_equation():
     assert torch.equal(kinv.BackgroundLock(src, lambda i: None)(x, 1), x)
 
 
-@pytest.mark.parametrize("method", ["ddpm", "eta"])
+@pytest.mark.parametrize("method", ["ddpm", "eta", "dpmpp_2m_sde"])
 def test_edit_lock_keeps_what_the_edit_did_not_move(env, method):
     """auto_lock 'edit' (one pass, no mask wired): the result is the photo's own trajectory bit for bit
     on the pixels the edit moved least, and the edit acts on the rest; with the source prompt nothing
