@@ -116,6 +116,13 @@ def run(args):
         res = scorer.score_batch(out.clamp(-1, 1))
         ok = [r["fg"] == t.fg and r["shape"] == s.shape and r["bg"] == s.bg
               for r, s, t in zip(res, scenes, tgt_scenes)]
+        if args.dump:      # rows: the photos, the true edits, this result (a grid per method)
+            from tools.toyworld.sample import save_grid
+            Path(args.dump).mkdir(parents=True, exist_ok=True)
+            save_grid(torch.cat([src, tgt, out.clamp(-1, 1)]), str(Path(args.dump) / f"{len(rows):02d}.png"), ncol=len(src),
+                      scale=4)
+            print(f"{len(rows):02d}.png: {name}; wrong: " + ", ".join(
+                f"{i} read {r['fg']} {r['shape']} on {r['bg']}" for i, (r, g) in enumerate(zip(res, ok)) if not g))
         rows.append({"method": name, "recon_psnr": float(psnr(recon, src).mean()) if recon is not None else None,
                      "edit_success": sum(ok) / len(ok), "bg_psnr": float(psnr(out, src, bg).mean()),
                      "edit_psnr_vs_truth": float(psnr(out, tgt).mean()),
@@ -701,6 +708,7 @@ def build_parser():
     ap.add_argument("--flowedit-navg", type=int, default=FLOWEDIT_DEFAULTS["n_avg"], help="FlowEdit n_avg")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the table here")
+    ap.add_argument("--dump", default=None, help="write a PNG grid per method here (photos, true edits, results)")
     return ap
 
 
