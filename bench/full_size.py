@@ -44,6 +44,7 @@ import full_size_fixtures as F
 FAMILIES = ["plain_4rows", "capture", "invert_ddpm", "invert_eta", "invert_dpmpp_2m_sde", "sega", "ledits++", "ptp",
             "ptp_split", "concept_learn",
             "concept_learn_gc", "crf", "instruct_apply", "pops"]
+EXTRA_FAMILIES = ["edit_lock"]    # not run by default: --families edit_lock (bench/full_size_gpu.py runs it)
 SIZES = {"sd15": 512, "sdxl": 1024, "tiny": 64}   # tiny: the CI fixture, a quick dtype sweep
 PROMPT = "a photo of a cat sitting on a red sofa"
 PTP_TARGET = "a photo of a cat sitting on a blue sofa"    # Prompt-to-Prompt Guide rows: one word swapped (replace)
@@ -272,9 +273,6 @@ def _child(args) -> None:
     comfyenv.ensure_comfy_importable()
     import comfy.samplers
     from photoops.nodes import concept_learn as ncl
-    from photoops.nodes import inversion as ninv
-    from photoops.nodes import semantic_guide as nsg
-    from photoops.nodes.attention_mask import AttentionCaptureNode
 
     log = lambda s: print(s, flush=True)
     dt = torch_dtype(args.dtype)
@@ -330,69 +328,10 @@ def _child(args) -> None:
     ptp_joint = None            # the ptp row's result, for the ptp_split row to compare with
     for fam in todo:
         try:
-            if fam == "plain_4rows":
-                lat2 = latent["samples"].expand(2, -1, -1, -1).clone()
-                gd = comfy.samplers.CFGGuider(model)
-                gd.set_conds(pos, neg)
-                gd.set_cfg(CFG)
-                o, m = measure(lambda gd=gd, lat2=lat2: gd.sample(noise.expand(2, -1, -1, -1).clone(), lat2,
-                                                                  comfy.samplers.ksampler("euler"), sigmas,
-                                                                  disable_pbar=True, seed=0), model)
-                finish(fam, m, base_m, [o], 0, note="core CFGGuider on a batch of 2 latents: the UNet work of a "
-                                                    "2-concept Semantic Guide step (4 rows per call)")
-            elif fam == "capture":
-                patched, cap = AttentionCaptureNode.execute(model, clip, PROMPT, "cat", "lowres", 0.0, 1.0).result
-                out, m = measure(lambda patched=patched: plain(patched), model)
-                finish(fam, m, base_m, [out, cap.recorder.result()], state_bytes(cap))
-            elif fam.startswith("invert_"):
-                method = fam[len("invert_"):]
-
-                def replay(inv, start):
-                    sampler = ninv.InversionSamplerNode.execute(inv).result[0]
-                    gd = comfy.samplers.CFGGuider(model)
-                    gd.set_conds(pos, neg)
-                    gd.set_cfg(CFG)
-                    # the full sampling list: the sampler drops / replaces its final 0 as Invert did
-                    return gd.sample(torch.zeros_like(latent["samples"]), start["samples"], sampler, sigmas,
-                                     disable_pbar=True, seed=0)
-
-                def run(method=method):
-                    inv, start = ninv.InvertNode.execute(model, pos, neg, latent, sigmas, method, 0, CFG, 0).result
-                    return inv, start, replay(inv, start)
-
-                (inv, start, o), m = measure(run, model)
-                rel = lambda y: float((y - latent["samples"]).norm() / latent["samples"].norm())
-                err = rel(o)
-                note = f"invert {inv.steps} + replay {inv.steps} steps; recon rel err {err:.1e}"
-                if method == "eta":
-                    # Eta Inversion does not reconstruct by design: its replay is DDIM plus eta-scaled seeded
-                    # noise (the best of 10 candidates), so its error is DDIM inversion's. Not measured: the same
-                    # ladder replayed as plain DDIM (1 UNet call per step), which the eta error should match.
-                    ddim = dataclasses.replace(inv, method="ddim", noises=None, eta=torch.zeros(inv.steps))
-                    e_ddim = rel(replay(ddim, start))
-                    rel_gap = abs(err - e_ddim) / max(e_ddim, 1e-12)
-                    note += (f"; the same DDIM ladder replayed without noise: {e_ddim:.1e} "
-                             f"({'the same: ' if rel_gap < 1e-2 else ''}not exact by design, DDIM inversion's error, "
-                             f"large with random weights at {inv.steps} step(s); store_optimal_noise replays exactly, "
-                             f"tests/test_full_size_fixes.py)")
-                finish(fam, m, base_m, [o, inv.noises, start["samples"]], state_bytes(inv), note=note,
-                       steps_ours=2 * inv.steps)
-            elif fam in ("sega", "ledits++"):
-                cs = None
-                for text, d in (("dog", "add"), ("cat", "remove")):
-                    cs = nsg.EditConceptNode.execute(clip, text, d, 5.0, 0.9, 0, -1, 1.0, previous=cs).result[0]
-                guider, store = nsg.SemanticGuideNode.execute(model, pos, neg, cs, fam, CFG, True, 0.3, 0.6,
-                                                              "intersect").result
-
-                def run(guider=guider):
-                    return guider.sample(noise, latent["samples"], comfy.samplers.ksampler("euler"), sigmas,
-                                         disable_pbar=True, seed=0)
-
-                o, m = measure(run, model)
-                finish(fam, m, base_m, [o], state_bytes(store) + state_bytes(
-                    {k: v for k, v in vars(guider).items() if k not in ("model_patcher", "model_options", "conds",
-                                                                        "original_conds", "inner_model")}),
-                       note="2 concepts, target CFG: 4 rows per step vs 2")
+            if fam in FAMILY_RUNNERS:
+                outs, m, note, state, steps_ours = FAMILY_RUNNERS[fam](fam, model, clip, pos, neg, latent, noise,
+                                                                       sigmas)
+                finish(fam, m, base_m, outs, state, note=note, steps_ours=steps_ours)
             elif fam in ("ptp", "ptp_split"):
                 o, m, note, state = run_ptp(fam, model, clip, pos, neg, latent, sigmas)
                 if fam == "ptp":
@@ -420,6 +359,119 @@ def _child(args) -> None:
         except Exception as e:  # noqa: BLE001 - recorded in the row, the table says which failed and why
             fail(fam, e)
         gc.collect()
+
+
+# ----------------------------------------------------------------------------- node families, one function each
+# Each takes (fam, model, clip, pos, neg, latent, noise, sigmas) and, as run_ptp, a ``measure_fn`` (default
+# :func:`measure`; bench/full_size_gpu.py passes its CUDA one) and returns (outputs to check for NaN/Inf,
+# measurement, note, our state in bytes, steps of ours for the per-step time or None = the plain run's).
+
+def cfg_sample(model, pos, neg, noise, lat, sigmas, sampler=None, batch=1):
+    """Core ``CFGGuider`` + ``euler`` (or ``sampler``), CFG ``CFG``, on ``batch`` copies of ``noise`` / ``lat``."""
+    import comfy.samplers
+
+    gd = comfy.samplers.CFGGuider(model)
+    gd.set_conds(pos, neg)
+    gd.set_cfg(CFG)
+    if batch > 1:
+        noise, lat = (t.expand(batch, -1, -1, -1).clone() for t in (noise, lat))
+    return gd.sample(noise, lat, sampler or comfy.samplers.ksampler("euler"), sigmas, disable_pbar=True, seed=0)
+
+
+def run_plain_4rows(fam, model, clip, pos, neg, latent, noise, sigmas, measure_fn=None):
+    """Core CFGGuider on a batch of 2 latents (4 UNet rows per call): the reference of the 4-row families."""
+    o, m = (measure_fn or measure)(lambda: cfg_sample(model, pos, neg, noise, latent["samples"], sigmas, batch=2),
+                                   model)
+    return [o], m, ("core CFGGuider on a batch of 2 latents: the UNet work of a 2-concept Semantic Guide step "
+                    "(4 rows per call)"), 0, None
+
+
+def run_capture(fam, model, clip, pos, neg, latent, noise, sigmas, measure_fn=None):
+    """Attention Capture (word "cat", lowres) on the model, then plain CFG sampling with the patched model."""
+    from photoops.nodes.attention_mask import AttentionCaptureNode
+
+    patched, cap = AttentionCaptureNode.execute(model, clip, PROMPT, "cat", "lowres", 0.0, 1.0).result
+    o, m = (measure_fn or measure)(lambda: cfg_sample(patched, pos, neg, noise, latent["samples"], sigmas), model)
+    return [o, cap.recorder.result()], m, "", state_bytes(cap), None
+
+
+def _replay(model, pos, neg, latent, sigmas, inv, start, **sampler_kw):
+    """Inversion Sampler replay of ``inv`` from ``start`` under a CFGGuider on (pos, neg), on the full sampling
+    list (the sampler drops / replaces its final 0 as Invert did)."""
+    import torch
+    from photoops.nodes import inversion as ninv
+
+    sampler = ninv.InversionSamplerNode.execute(inv, **sampler_kw).result[0]
+    return cfg_sample(model, pos, neg, torch.zeros_like(latent["samples"]), start["samples"], sigmas, sampler)
+
+
+def run_invert(fam, model, clip, pos, neg, latent, noise, sigmas, measure_fn=None):
+    """``invert_<method>``: Invert (method, skip 0, CFG ``CFG``) + Inversion Sampler replay on the source prompt;
+    notes the reconstruction error (for eta also the same ladder replayed as plain DDIM, not measured)."""
+    import torch
+    from photoops.nodes import inversion as ninv
+
+    method = fam[len("invert_"):]
+
+    def run():
+        inv, start = ninv.InvertNode.execute(model, pos, neg, latent, sigmas, method, 0, CFG, 0).result
+        return inv, start, _replay(model, pos, neg, latent, sigmas, inv, start)
+
+    (inv, start, o), m = (measure_fn or measure)(run, model)
+    rel = lambda y: float((y - latent["samples"]).norm() / latent["samples"].norm())
+    err = rel(o)
+    note = f"invert {inv.steps} + replay {inv.steps} steps; recon rel err {err:.1e}"
+    if method == "eta":
+        # Eta Inversion does not reconstruct by design: its replay is DDIM plus eta-scaled seeded noise (the best
+        # of 10 candidates), so its error is DDIM inversion's. Not measured: the same ladder replayed as plain DDIM
+        # (1 UNet call per step), which the eta error should match.
+        ddim = dataclasses.replace(inv, method="ddim", noises=None, eta=torch.zeros(inv.steps))
+        e_ddim = rel(_replay(model, pos, neg, latent, sigmas, ddim, start))
+        rel_gap = abs(err - e_ddim) / max(e_ddim, 1e-12)
+        note += (f"; the same DDIM ladder replayed without noise: {e_ddim:.1e} "
+                 f"({'the same: ' if rel_gap < 1e-2 else ''}not exact by design, DDIM inversion's error, "
+                 f"large with random weights at {inv.steps} step(s); store_optimal_noise replays exactly, "
+                 f"tests/test_full_size_fixes.py)")
+    return [o, inv.noises, start["samples"]], m, note, state_bytes(inv), 2 * inv.steps
+
+
+def run_edit_lock(fam, model, clip, pos, neg, latent, noise, sigmas, measure_fn=None, feather=8.0):
+    """Invert (ddpm) + Inversion Sampler with ``auto_lock="edit"`` (feather ``feather``) replayed under a CFGGuider
+    on the target prompt (``PTP_TARGET``: the edit the lock follows)."""
+    from photoops.nodes import inversion as ninv
+
+    target = clip.encode_from_tokens_scheduled(clip.tokenize(PTP_TARGET))
+
+    def run():
+        inv, start = ninv.InvertNode.execute(model, pos, neg, latent, sigmas, "ddpm", 0, CFG, 0).result
+        return inv, start, _replay(model, target, neg, latent, sigmas, inv, start, auto_lock="edit", feather=feather)
+
+    (inv, start, o), m = (measure_fn or measure)(run, model)
+    note = (f"invert ddpm {inv.steps} + replay {inv.steps} steps on the target prompt, auto_lock edit, feather "
+            f"{feather:g}")
+    return [o, inv.noises, start["samples"]], m, note, state_bytes(inv), 2 * inv.steps
+
+
+def run_semantic(fam, model, clip, pos, neg, latent, noise, sigmas, measure_fn=None):
+    """Semantic Guide (``sega`` / ``ledits++``) with 2 concepts ("dog" add, "cat" remove): 4 UNet rows per call."""
+    import comfy.samplers
+    from photoops.nodes import semantic_guide as nsg
+
+    cs = None
+    for text, d in (("dog", "add"), ("cat", "remove")):
+        cs = nsg.EditConceptNode.execute(clip, text, d, 5.0, 0.9, 0, -1, 1.0, previous=cs).result[0]
+    guider, store = nsg.SemanticGuideNode.execute(model, pos, neg, cs, fam, CFG, True, 0.3, 0.6, "intersect").result
+    o, m = (measure_fn or measure)(lambda: guider.sample(noise, latent["samples"], comfy.samplers.ksampler("euler"),
+                                                         sigmas, disable_pbar=True, seed=0), model)
+    state = state_bytes(store) + state_bytes({k: v for k, v in vars(guider).items()
+                                              if k not in ("model_patcher", "model_options", "conds",
+                                                           "original_conds", "inner_model")})
+    return [o], m, "2 concepts, target CFG: 4 rows per step vs 2", state, None
+
+
+FAMILY_RUNNERS = {"plain_4rows": run_plain_4rows, "capture": run_capture, "invert_ddpm": run_invert,
+                  "invert_eta": run_invert, "invert_dpmpp_2m_sde": run_invert, "edit_lock": run_edit_lock,
+                  "sega": run_semantic, "ledits++": run_semantic}
 
 
 def ptp_split_memory():
@@ -688,6 +740,7 @@ def fmt_row(r: dict) -> str:
 
 LABELS = {"plain_4rows": "(reference) plain CFG sampling, batch 2 = 4 rows per call", "capture": "Attention Capture (lowres) + CFG sampling", "invert_ddpm": "Invert ddpm + Inversion Sampler replay",
           "invert_eta": "Invert eta + replay", "invert_dpmpp_2m_sde": "Invert dpmpp_2m_sde + replay",
+          "edit_lock": "Invert ddpm + Inversion Sampler auto_lock edit (feather 8), target-prompt CFG",
           "sega": "Semantic Guide sega, 2 concepts", "ledits++": "Semantic Guide ledits++, 2 concepts",
           "ptp": "Invert eta + Prompt-to-Prompt Guide replay (4 rows per call)",
           "ptp_split": "Invert eta + Prompt-to-Prompt Guide replay, batch split by core (1 row per call)",
@@ -838,7 +891,7 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES,
                     help="bf16 / fp16: half-precision weights (ComfyUI computes in fp32 on a CPU); bf16c / fp16c: "
                          "weights and compute (set_model_compute_dtype, as on a GPU)")
-    ap.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
+    ap.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES + EXTRA_FAMILIES)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--cl-steps", type=int, default=2, help="Concept Learn M-steps")
     ap.add_argument("--pops-steps", type=int, default=5)
