@@ -474,10 +474,11 @@ FAMILY_RUNNERS = {"plain_4rows": run_plain_4rows, "capture": run_capture, "inver
                   "sega": run_semantic, "ledits++": run_semantic}
 
 
-def ptp_split_memory():
+def ptp_split_memory(only_calc_cond_batch: bool = False):
     """A context manager: ComfyUI's ``get_free_memory`` reports 0 B free (its own attention chunking still gets the
     real figure), so core's ``calc_cond_batch`` runs every conditioning in its own model call, as on a device whose
-    memory is short (tests/test_comfy_prompt_to_prompt.py does the same)."""
+    memory is short (tests/test_comfy_prompt_to_prompt.py does the same).  ``only_calc_cond_batch``: 0 B only when
+    core's ``_calc_cond_batch`` asks (on a GPU a global patch would also make model loading offload weights)."""
     import contextlib
 
     import comfy.model_management as mm
@@ -487,7 +488,9 @@ def ptp_split_memory():
         real = mm.get_free_memory
 
         def short(dev=None, torch_free_too=False):
-            return real(dev, torch_free_too) if torch_free_too else 0
+            if torch_free_too or (only_calc_cond_batch and sys._getframe(1).f_code.co_name != "_calc_cond_batch"):
+                return real(dev, torch_free_too)
+            return 0
         mm.get_free_memory = short
         try:
             yield

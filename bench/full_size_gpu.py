@@ -31,7 +31,7 @@ the rows it finished.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import sys
 import time
@@ -47,27 +47,6 @@ FAMILIES = ["plain", "plain_4rows", "capture", "invert_ddpm", "invert_eta", "inv
             "edit_lock", "ptp", "ptp_split"]
 FOUR_ROWS = ("sega", "ledits++", "ptp")   # 4 UNet rows per call: against plain_4rows (ptp_split: 1 row, vs plain)
 TARGET = 1.10                             # issue 16: peak <= 1.10x plain sampling with the same UNet rows
-
-
-def calc_cond_batch_short():
-    """ComfyUI's ``get_free_memory`` reports 0 B only when core's ``_calc_cond_batch`` asks (it then runs each
-    conditioning in its own model call); on a GPU a global patch would also make model loading offload weights."""
-    import comfy.model_management as mm
-
-    @contextlib.contextmanager
-    def cm():
-        real = mm.get_free_memory
-
-        def short(dev=None, torch_free_too=False):
-            if not torch_free_too and sys._getframe(1).f_code.co_name == "_calc_cond_batch":
-                return 0
-            return real(dev, torch_free_too)
-        mm.get_free_memory = short
-        try:
-            yield
-        finally:
-            mm.get_free_memory = real
-    return cm()
 
 
 def main():
@@ -158,7 +137,8 @@ def main():
                         o, m = gpu_measure(plain, model)
                         outs, note = [o], ""
                     elif fam in ("ptp", "ptp_split"):
-                        kw = dict(split_memory=calc_cond_batch_short, cross_replace=0.4, self_replace=0.6)
+                        kw = dict(split_memory=functools.partial(FS.ptp_split_memory, only_calc_cond_batch=True),
+                                  cross_replace=0.4, self_replace=0.6)
                         FS.run_ptp(fam, model, clip, pos, neg, latent, sigmas, measure_fn=no_measure, **kw)  # warm-up
                         o, m, note, _ = FS.run_ptp(fam, model, clip, pos, neg, latent, sigmas, measure_fn=gpu_measure,
                                                    **kw)
