@@ -36,8 +36,8 @@ from photoops.kernels import maps as kmaps  # noqa: E402
 from photoops.kernels import prompt_to_prompt as kptp  # noqa: E402
 from photoops.kernels.attention import AttentionHooks, TokenMapRecorder  # noqa: E402
 from photoops.kernels.diffusers_adapter import DiffusersDenoiser  # noqa: E402
-from photoops.kernels.inversion import (BackgroundLock, EditLock, ddim_invert, ddpm_invert, dpmpp_2m_sde_invert,  # noqa: E402
-                                        eta_inversion_noises, replay_dpmpp_2m_sde, replay_sample)
+from photoops.kernels.inversion import (BackgroundLock, EditLock, ddim_invert, ddpm_invert,  # noqa: E402
+                                        dpmpp_2m_sde_invert, eta_inversion_noises, replay_dpmpp_2m_sde, replay_sample)
 from photoops.kernels.schedule import VPSchedule  # noqa: E402
 
 # colour swaps with exact ground truth (fg palette: red, green, blue, yellow)
@@ -119,8 +119,8 @@ def run(args):
         if args.dump:      # rows: the photos, the true edits, this result (a grid per method)
             from tools.toyworld.sample import save_grid
             Path(args.dump).mkdir(parents=True, exist_ok=True)
-            save_grid(torch.cat([src, tgt, out.clamp(-1, 1)]), str(Path(args.dump) / f"{len(rows):02d}.png"), ncol=len(src),
-                      scale=4)
+            save_grid(torch.cat([src, tgt, out.clamp(-1, 1)]), str(Path(args.dump) / f"{len(rows):02d}.png"),
+                      ncol=len(src))
             print(f"{len(rows):02d}.png: {name}; wrong: " + ", ".join(
                 f"{i} read {r['fg']} {r['shape']} on {r['bg']}" for i, (r, g) in enumerate(zip(res, ok)) if not g))
         rows.append({"method": name, "recon_psnr": float(psnr(recon, src).mean()) if recon is not None else None,
@@ -673,7 +673,8 @@ def build_parser():
                          "or from where the edit moved away from the photo (the edit lock), in one pass")
     ap.add_argument("--lock-start", type=float, nargs="+", default=[0.25],
                     help="edit lock: fraction of the replayed steps before it starts (--swap-only sweeps them)")
-    ap.add_argument("--swap-only", action="store_true", help="only the DDPM caption swap, with and without the edit lock")
+    ap.add_argument("--swap-only", action="store_true",
+                    help="only the DDPM caption swap, with and without the edit lock")
     ap.add_argument("--lock-threshold", type=float, default=0.25, help="fraction of steps a concept acted")
     ap.add_argument("--masks", choices=("intersect", "cross_attention", "noise"), default="intersect",
                     help="the Semantic Guide's masks input: LEDITS++'s guidance masks; for LEDITS (SEGA) only the "
