@@ -54,3 +54,23 @@ def test_ptp_sweep_picks_on_world_a_only():
     assert ptp_sweep.pick({(0.8,): r(11 / 12, 35.0)}) is None
     a = ptp_sweep.eq.default_model(ptp_sweep.eq.build_parser().parse_args(["--world", "B", "--ptp-only"]))
     assert a.model.endswith("model_b") and a.ptp_only
+
+
+def test_goals_rows_follow_the_picks_and_the_goal_rule(capsys):
+    """``--goals``: one row per GOAL_PICKS setting, then the GOAL_COMPARE ones; ``met`` is the issue's goal."""
+    import edit_quality as eq
+
+    assert eq.goal_met({"edit_success": 11 / 12, "bg_psnr": 30.0}, "sega")
+    assert not eq.goal_met({"edit_success": 10 / 12, "bg_psnr": 90.0}, "sega")
+    assert not eq.goal_met({"edit_success": 1.0, "bg_psnr": 37.9}, "swap")
+    args = eq.default_model(eq.build_parser().parse_args(["--goals", "--n", "2", "--steps", "10", "--threads", "1"]))
+    rows, _ = eq.run(args)
+    assert len(rows) == len(eq.GOAL_PICKS) + len(eq.GOAL_COMPARE)
+    assert [r["pick"] for r in rows] == [True] * len(eq.GOAL_PICKS) + [False] * len(eq.GOAL_COMPARE)
+    kinds = [p["kind"] for _, p in eq.GOAL_PICKS + eq.GOAL_COMPARE]
+    for r, k in zip(rows, kinds):
+        assert r["goal"] == list(eq.GOALS[k]) and r["met"] == eq.goal_met(r, k)
+    # the caption swap's pick is the edit lock: its background stays near the photo (> 50 dB even at 10 steps)
+    assert rows[0]["bg_psnr"] > 50
+    with pytest.raises(SystemExit, match="not --flow"):
+        eq.main(["--goals", "--flow"])
