@@ -126,6 +126,7 @@ def run(args):
         rows.append({"method": name, "recon_psnr": float(psnr(recon, src).mean()) if recon is not None else None,
                      "edit_success": sum(ok) / len(ok), "bg_psnr": float(psnr(out, src, bg).mean()),
                      "edit_psnr_vs_truth": float(psnr(out, tgt).mean()),
+                     "vs_truth_photos": psnr(out, tgt).tolist(),      # per photo, for paired comparisons
                      # why edits failed: the scorer's reading of each attribute (colour kept = not edited)
                      "wrong": {"colour": sum(r["fg"] != t.fg for r, t in zip(res, tgt_scenes)),
                                "colour_kept": sum(r["fg"] == s.fg for r, s in zip(res, scenes)),
@@ -368,13 +369,13 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
     x_start, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
     dpm = None
     settings = [(name, pick, True) for name, pick in GOAL_PICKS] + [(nm, p, False) for nm, p in GOAL_COMPARE]
-    for name, pick, is_pick in settings:
+    for base, pick, is_pick in settings:
         a = argparse.Namespace(**{**vars(args), "lock": pick["lock"], "lock_start": [pick.get("lock_start", 0.25)],
                                   "masks": pick.get("masks", args.masks), "ptp_eta_only": True})
         kind = pick["kind"]
         label = ", ".join(f"{k} {v}" for k, v in pick.items() if k != "kind" and not (k == "lock_start" and
                                                                                        pick["lock"] != "edit"))
-        name = f"{name} ({label})" if is_pick else f"not a pick: {name} ({label})"
+        name = f"{base} ({label})" if is_pick else f"not a pick: {base} ({label})"
         if kind == "swap":
             lock = EditLock(lad[: n - skip + 1].flip(0), skip=skip, start=a.lock_start[0]) if a.lock == "edit" else None
             score_edit(name, replay_sample(g_tgt, lad[n - skip], sig[skip:], noises=zs, start=skip, lock=lock), None)
@@ -388,7 +389,15 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
                                 pick["scale"], dpm=dpm if kind.endswith("dpm") else None)
             score_edit(name, out, None)
         r = rows[-1]
-        r["goal"], r["met"], r["pick"] = list(GOALS[kind]), goal_met(r, kind), is_pick
+        r["goal"], r["met"], r["pick"], r["goal_method"] = list(GOALS[kind]), goal_met(r, kind), is_pick, base
+
+
+def paired_gap(pick, other):
+    """Closeness to the true edit, ``pick`` minus ``other``, paired over the photos: (mean dB, standard error dB,
+    photos where the pick is closer, photos)."""
+    d = torch.tensor(pick["vs_truth_photos"]) - torch.tensor(other["vs_truth_photos"])
+    se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
+    return float(d.mean()), se, int((d > 0).sum()), len(d)
 
 
 SEMANTIC_NAMES = {"sega": "LEDITS (DDPM inversion + SEGA)", "ledits++": "LEDITS++ masks on the DDPM inversion",
@@ -826,6 +835,12 @@ def main(argv=None):
     if a.ptp_only:
         for r in rows:
             print(f"failures of {r['method'][:24]}...: {r['wrong']}")
+    for r in rows if a.goals else ():
+        if not r["pick"]:
+            pick = next(p for p in rows if p["pick"] and p["goal_method"] == r["goal_method"])
+            m, se, closer, k = paired_gap(pick, r)
+            print(f"{r['goal_method']}: the pick minus the edit-lock row, PSNR vs the true edit paired over the "
+                  f"photos: {m:+.2f} dB (standard error {se:.2f}); the pick is closer on {closer} of {k}")
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     assert all(math.isfinite(r["bg_psnr"]) for r in rows)

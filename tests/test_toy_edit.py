@@ -70,7 +70,16 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule(capsys):
     kinds = [p["kind"] for _, p in eq.GOAL_PICKS + eq.GOAL_COMPARE]
     for r, k in zip(rows, kinds):
         assert r["goal"] == list(eq.GOALS[k]) and r["met"] == eq.goal_met(r, k)
+        assert len(r["vs_truth_photos"]) == 2 and abs(sum(r["vs_truth_photos"]) / 2 - r["edit_psnr_vs_truth"]) < 1e-4
     # the caption swap's pick is the edit lock: its background stays near the photo (> 50 dB even at 10 steps)
     assert rows[0]["bg_psnr"] > 50
     with pytest.raises(SystemExit, match="not --flow"):
         eq.main(["--goals", "--flow"])
+
+
+def test_paired_gap_is_the_per_photo_difference():
+    import edit_quality as eq
+
+    m, se, closer, n = eq.paired_gap({"vs_truth_photos": [20.0, 22.0, 19.0]}, {"vs_truth_photos": [21.0, 20.0, 19.0]})
+    assert (round(m, 6), closer, n) == (round(1 / 3, 6), 1, 3)
+    assert abs(se - float(torch.tensor([-1.0, 2.0, 0.0]).std()) / 3 ** 0.5) < 1e-6
