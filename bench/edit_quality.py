@@ -123,10 +123,11 @@ def run(args):
                       ncol=len(src))
             print(f"{len(rows):02d}.png: {name}; wrong: " + ", ".join(
                 f"{i} read {r['fg']} {r['shape']} on {r['bg']}" for i, (r, g) in enumerate(zip(res, ok)) if not g))
+        vs_truth = psnr(out, tgt)
         rows.append({"method": name, "recon_psnr": float(psnr(recon, src).mean()) if recon is not None else None,
                      "edit_success": sum(ok) / len(ok), "bg_psnr": float(psnr(out, src, bg).mean()),
-                     "edit_psnr_vs_truth": float(psnr(out, tgt).mean()),
-                     "vs_truth_photos": psnr(out, tgt).tolist(),      # per photo, for paired comparisons
+                     "edit_psnr_vs_truth": float(vs_truth.mean()),
+                     "vs_truth_photos": vs_truth.tolist(),      # per photo, for paired comparisons
                      # why edits failed: the scorer's reading of each attribute (colour kept = not edited)
                      "wrong": {"colour": sum(r["fg"] != t.fg for r, t in zip(res, tgt_scenes)),
                                "colour_kept": sum(r["fg"] == s.fg for r, s in zip(res, scenes)),
@@ -366,7 +367,7 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
     """``--goals``: each method once at its GOAL_PICKS setting, then the GOAL_COMPARE settings; each row gets
     ``goal`` (edits of 12, dB), ``met`` and ``pick`` (False for the comparison rows)."""
     n = len(sig) - 1
-    x_start, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
+    _, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
     dpm = None
     settings = [(name, pick, True) for name, pick in GOAL_PICKS] + [(nm, p, False) for nm, p in GOAL_COMPARE]
     for base, pick, is_pick in settings:
