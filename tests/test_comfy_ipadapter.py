@@ -92,9 +92,6 @@ def _node(prompt, cls):
 
 
 def test_the_pack_workflows_are_this_pair_with_a_note():
-    shipped = sorted((ROOT / "workflows").glob("*.json"))
-    assert third_party.needing(PACK_NAME, shipped) == [WF]
-    assert WF not in set(third_party.core_only(shipped))
     for path in (WF,):
         notes = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in ("Note", "MarkdownNote")]
         assert any(PACK_NAME in n["widgets_values"][0] and "cubiq" in n["widgets_values"][0] for n in notes), (
@@ -114,6 +111,14 @@ def test_the_pack_workflows_are_this_pair_with_a_note():
                 ox0, oy0, ox1, oy1 = box(other)
                 assert nx1 <= ox0 or ox1 <= nx0 or ny1 <= oy0 or oy1 <= ny0, (
                     f"{path.name}: the Note overlaps node {other['id']} {other['type']}")
+    # which workflows need the pack is read from the pack's own source (third_party.pack_node_types)
+    reason = comfyenv.comfyui_skip_reason() or pack_skip_reason(comfyenv.comfyui_dir())
+    if reason:
+        print(f"SKIP: the routing check needs the pack's source: {reason}")
+        pytest.skip(f"the Note is checked; the routing check needs the pack's source: {reason}")
+    shipped = sorted((ROOT / "workflows").glob("*.json"))
+    assert third_party.needing(PACK_NAME, shipped) == [WF]
+    assert WF not in set(third_party.core_only(shipped))
 
 
 def test_pack_loads_and_workflow_widgets_fit_its_signatures(ipa_server):
