@@ -136,6 +136,11 @@ def run(args):
 
     g_src, g_tgt = td.guided(src_caps, args.src_cfg), td.guided(tgt_caps, args.cfg)
     t0 = time.perf_counter()
+
+    def meta():
+        return {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
+                "seconds": round(time.perf_counter() - t0, 1)}
+
     if args.swap_only:      # the DDPM caption swap, without and with the edit lock (issue 17)
         n = len(sig) - 1
         x_start, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
@@ -148,17 +153,14 @@ def run(args):
             score_edit(f"DDPM inversion + target caption + edit lock (from {st:g} of the steps, otsu, +1 px)", out,
                        None)
             rows[-1]["mask_fraction"] = float(lock.last.mean())
-        return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        return rows, meta()
     if args.goals:          # issue 17 / 18: one setting per method, chosen on world A (GOAL_PICKS)
         goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, scenes, tgt_scenes, score_edit,
                   rows)
-        return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        return rows, meta()
     if args.ptp_only:
         ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, scenes, score_edit)
-        return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        return rows, meta()
     if args.semantic_only:
         x_start, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
         dpm = dpm_inversion(g_src, x0, sig, skip, args.seed)
@@ -168,8 +170,7 @@ def run(args):
                                     scale, dpm=dpm if mode.endswith("dpm") else None)
                 score_edit(f"{SEMANTIC_NAMES[mode]} (scale {scale:g}, threshold "
                            f"{args.edit_threshold:g}, concepts as {args.concepts}, skip {skip})", out, None)
-        return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        return rows, meta()
     # 1. DDIM inversion, deterministic replay
     ladder = ddim_invert(g_src, x0, sig)
     recon = replay_sample(g_src, ladder[-1], sig, eta=0.0)
@@ -225,9 +226,7 @@ def run(args):
                                 dpm=dpm if mode.endswith("dpm") else None)
             score_edit(f"{SEMANTIC_NAMES[mode]}, concepts as {args.concepts}, scale {scale:g}, skip {skip}", out, None)
     ptp_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, scenes, score_edit)
-    seconds = time.perf_counter() - t0
-    return rows, {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
-                  "seconds": round(seconds, 1)}
+    return rows, meta()
 
 
 # Chosen on world A only (never on B): the paper's PtP (cross 0.4, self 0.6) gave 11/12 on A; a sweep on A

@@ -56,7 +56,7 @@ def test_ptp_sweep_picks_on_world_a_only():
     assert a.model.endswith("model_b") and a.ptp_only
 
 
-def test_goals_rows_follow_the_picks_and_the_goal_rule(capsys):
+def test_goals_rows_follow_the_picks_and_the_goal_rule():
     """``--goals``: one row per GOAL_PICKS setting, then the GOAL_COMPARE ones; ``met`` is the issue's goal."""
     import edit_quality as eq
 
