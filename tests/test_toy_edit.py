@@ -67,6 +67,11 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     rows, _ = eq.run(args)
     assert len(rows) == len(eq.GOAL_PICKS) + len(eq.GOAL_COMPARE)
     assert [r["pick"] for r in rows] == [True] * len(eq.GOAL_PICKS) + [False] * len(eq.GOAL_COMPARE)
+    changed = {b for b, _ in eq.GOAL_COMPARE}
+    assert changed and changed < {b for b, _ in eq.GOAL_PICKS}
+    assert [r["pick2"] for r in rows] == [b not in changed for b, _ in eq.GOAL_PICKS] + [True] * len(changed)
+    assert [r["method"].startswith("rule 1 only: ") for r in rows[:len(eq.GOAL_PICKS)]] == [
+        b in changed for b, _ in eq.GOAL_PICKS]
     kinds = [p["kind"] for _, p in eq.GOAL_PICKS + eq.GOAL_COMPARE]
     for r, k in zip(rows, kinds):
         assert r["goal"] == list(eq.GOALS[k]) and r["met"] == eq.goal_met(r, k)
@@ -75,6 +80,22 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     assert rows[0]["bg_psnr"] > 50
     with pytest.raises(SystemExit, match="not --flow"):
         eq.main(["--goals", "--flow"])
+
+
+def test_rule2_takes_the_lock_only_within_one_standard_error_and_at_the_goal():
+    import edit_quality as eq
+
+    def row(vs, es=1.0, bg=40.0):
+        return {"vs_truth_photos": vs, "edit_success": es, "bg_psnr": bg}
+
+    pick = row([20.0, 21.0, 19.0, 22.0])
+    near = row([19.5, 21.5, 18.0, 22.4])           # gap +0.15, standard error 0.36: within
+    far = row([18.0, 19.2, 17.1, 20.0])            # gap +1.9, standard error 0.05: beyond
+    assert eq.rule2_takes_lock(pick, near, "sega")
+    assert not eq.rule2_takes_lock(pick, far, "sega")
+    assert not eq.rule2_takes_lock(pick, row(near["vs_truth_photos"], bg=29.9), "sega")    # misses the goal
+    assert not eq.rule2_takes_lock(pick, row(near["vs_truth_photos"], es=10 / 12), "sega")
+    assert eq.rule2_takes_lock(pick, row([21.0, 22.0, 20.0, 23.0]), "sega")                 # the lock is closer
 
 
 def test_paired_gap_is_the_per_photo_difference():

@@ -11,7 +11,24 @@ Modules:
     train   - resumable training script (``python -m tools.toyworld.train``)
 """
 
-from .world import (  # noqa: F401
+import sys
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def drop_repo_root_from_path() -> None:
+    """Take the repository root off ``sys.path`` (the trainers call this before importing diffusers).
+
+    ``python -m tools.toyworld.train`` from the root puts the root first on ``sys.path``, and its ``kernels``
+    package then shadows the PyPI ``kernels`` package that transformers (>= 5.25) imports, so the import of
+    diffusers fails.  ``tools.toyworld`` is already imported by then and its modules import each other
+    relatively, so nothing here needs the root.
+    """
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO_ROOT]
+
+
+from .world import (  # noqa: F401,E402
     BG_COLOURS,
     FG_COLOURS,
     IMAGE_SIZE,
@@ -27,4 +44,4 @@ from .world import (  # noqa: F401
     sample_scenes,
     with_colour,
 )
-from .scorer import blur3, score, score_batch, scene_accuracy  # noqa: F401
+from .scorer import blur3, score, score_batch, scene_accuracy  # noqa: F401,E402

@@ -23,6 +23,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from . import drop_repo_root_from_path  # noqa: E402
+
+drop_repo_root_from_path()  # before diffusers: see its docstring
+
 import torch  # noqa: E402
 
 from .flow import DEFAULT_SHIFT, build_flow_model, evaluate_flow, flow_pair, model_time  # noqa: E402

@@ -34,6 +34,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from . import drop_repo_root_from_path  # noqa: E402
+
+drop_repo_root_from_path()  # before diffusers: see its docstring
+
 import torch
 
 from .ip2p import T2I_DIR, evaluate_ip2p, ip2p_from_t2i, random_edits, save_ip2p

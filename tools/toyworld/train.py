@@ -45,6 +45,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from . import drop_repo_root_from_path  # noqa: E402
+
+drop_repo_root_from_path()  # before diffusers: see its docstring
+
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
