@@ -136,10 +136,14 @@ def run(args):
 
     g_src, g_tgt = td.guided(src_caps, args.src_cfg), td.guided(tgt_caps, args.cfg)
     t0 = time.perf_counter()
+    tried = None
+    if args.skip_rule == "swap":
+        args.skip, tried = swap_skip(args, g_src, g_tgt, x0, sig, scenes, tgt_scenes)
+        skip = int(round(args.skip * args.steps))
 
     def meta():
         return {"n": args.n, "steps": args.steps, "skip": skip, "cfg": args.cfg, "src_cfg": args.src_cfg,
-                "seconds": round(time.perf_counter() - t0, 1)}
+                "skip_rule": args.skip_rule, "skip_tried": tried, "seconds": round(time.perf_counter() - t0, 1)}
 
     if args.swap_only:      # the DDPM caption swap, without and with the edit lock (issue 17)
         n = len(sig) - 1
@@ -354,12 +358,25 @@ GOAL_PICKS = (
 # does.  Stated before C: rule 2's picks replace rule 1's if, on world C, they meet the goal for every method for
 # which rule 1's picks meet it.  On A it changes two picks (paired gap, pick minus lock: LEDITS +0.17 dB, standard
 # error 0.37; LEDITS++ on the DDPM inversion +0.14 dB, 0.36; ``--goals --world A`` prints them); the other
-# methods' rule-1 picks already have the edit lock.  These are rule 2's picks for those two:
+# methods' rule-1 picks already have the edit lock.  On world C (2026-12-05) neither rule's picks met any goal (all
+# methods edited 5-8 of 12), so the criterion held only vacuously: C did not test rule 2.  These are rule 2's picks
+# for those two:
 GOAL_COMPARE = (
     ("LEDITS", dict(kind="sega", lock="edit", lock_start=0.25, masks="intersect", scale=3.0)),
     ("LEDITS++ masks on the DDPM inversion", dict(kind="ledits++", lock="edit", lock_start=0.25, masks="noise",
                                                   scale=4.0)),
 )
+# Skip rule S [ours], fixed on 2026-12-05 after world C's ``--goals`` run had been seen (every method missed its
+# goal there at the skip of 0.3: the model settles the colour early, so edits kept the old one; the plain swap
+# edited 7 of 12 photos at 0.3 and 12 of 12 at 0.2) and before world D's model was trained: the skip is the largest
+# of SKIP_LADDER at which the plain DDPM caption swap (no lock, the target CFG) edits at least 11 of 12 photos
+# (``--skip-rule swap``).  Why: a model that settles an attribute earlier needs more of the steps replayed under the
+# target caption; the rule reads only whether the plain edit takes, as a user lowers the skip until it does, not the
+# backgrounds or the methods it then sets.  The picks above stay as chosen on A at 0.3 (the skip S gives on A).
+# Stated before world D: (i) rule 2 is checked on D as it was on C (skip 0.3); the check is undecided where rule 1
+# meets no goal for the two methods the rules differ on; (ii) the same check with skip rule S; (iii) skip rule S is
+# kept if it gives 0.3 on A and, on D, rule 2's picks meet at least as many goals with it as at 0.3; else dropped.
+SKIP_LADDER = (0.3, 0.2, 0.1)
 GOALS = {"swap": (11, 38.0), "sega": (11, 30.0), "ledits++": (11, 30.0), "ledits++ dpm": (11, 30.0), "ptp": (11, 30.0)}
 
 
@@ -402,6 +419,25 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
         r = rows[-1]
         r["goal"], r["met"], r["goal_method"] = list(GOALS[kind]), goal_met(r, kind), base
         r["pick"], r["pick2"] = is_pick, not (is_pick and changed)       # rule 1's and rule 2's picks
+
+
+def swap_skip(args, g_src, g_tgt, x0, sig, scenes, tgt_scenes):
+    """Skip rule S: the largest fraction in SKIP_LADDER at which the plain DDPM caption swap edits at least 11 of 12
+    photos (the smallest if none does).  Returns (fraction, [(fraction, photos edited right), ...] as tried)."""
+    from tools.toyworld import scorer
+
+    n = len(sig) - 1
+    _, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
+    tried = []
+    for frac in SKIP_LADDER:
+        k = int(round(frac * args.steps))
+        out = replay_sample(g_tgt, lad[n - k], sig[k:], noises=zs, start=k).clamp(-1, 1)
+        ok = sum(r["fg"] == t.fg and r["shape"] == s.shape and r["bg"] == s.bg
+                 for r, s, t in zip(scorer.score_batch(out), scenes, tgt_scenes))
+        tried.append((frac, ok))
+        if ok * 12 >= GOALS["swap"][0] * len(scenes):
+            break
+    return frac, tried
 
 
 def rule2_takes_lock(pick, lock, kind):
@@ -746,12 +782,15 @@ def flow_main(a):
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", choices=("A", "B", "C"), default="A",
-                    help="toy world: A (defaults are chosen here), B or C (other object sizes, their own models)")
+    ap.add_argument("--world", choices=("A", "B", "C", "D"), default="A",
+                    help="toy world: A (defaults are chosen here), B, C or D (other object sizes, their own models)")
     ap.add_argument("--model", default=None, help="toy model folder (default: the world's model)")
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--skip", type=float, default=0.3, help="fraction of steps skipped when editing")
+    ap.add_argument("--skip-rule", choices=("fixed", "swap"), default="fixed",
+                    help="fixed: --skip; swap: skip rule S, the largest of 0.3 / 0.2 / 0.1 at which the plain "
+                         "DDPM caption swap edits at least 11 of 12 photos (SKIP_LADDER)")
     ap.add_argument("--cfg", type=float, default=3.0, help="target CFG when editing")
     ap.add_argument("--src-cfg", type=float, default=1.0, help="source CFG during inversion and reconstruction")
     ap.add_argument("--seed", type=int, default=123)
@@ -820,7 +859,8 @@ def default_model(a):
                 sys.exit("--flow: there is a toy flow model for world A only (tools/toyworld/model_flow)")
             a.model = str(ROOT / "tools" / "toyworld" / "model_flow")
         else:
-            a.model = str(ROOT / "tools" / "toyworld" / {"A": "model", "B": "model_b", "C": "model_c"}[a.world])
+            a.model = str(ROOT / "tools" / "toyworld" / {"A": "model", "B": "model_b", "C": "model_c",
+                                                              "D": "model_d"}[a.world])
     if not Path(a.model).is_dir():
         sys.exit(f"no toy model at {a.model}: train it (tools/toyworld/README.md) or pass --model")
     return a
@@ -830,7 +870,9 @@ def main(argv=None):
     a = default_model(build_parser().parse_args(argv))
     if a.flow:
         if a.goals:
-            sys.exit("--goals: the goals are for the UNet toy models (worlds A, B and C), not --flow")
+            sys.exit("--goals: the goals are for the UNet toy models (worlds A to D), not --flow")
+        if a.skip_rule != "fixed":
+            sys.exit("--skip-rule swap: for the UNet toy models, not --flow")
         return flow_main(a)
     rows, meta = run(a)
     print(f"toy world {a.world}: {meta['n']} photos, {meta['steps']} steps, edit skip {meta['skip']}, target CFG "
@@ -839,6 +881,9 @@ def main(argv=None):
           f"{f' (threshold {a.lock_threshold:g}, feather {a.lock_feather:g})' if a.lock == 'concepts' else ''}"
           f"{f' (from {a.lock_start[0]:g} of the steps)' if a.lock == 'edit' else ''} "
           f"({meta['seconds']} s)")
+    if meta["skip_tried"]:
+        print("skip rule S (the plain caption swap's edits of the photos at each skip tried): "
+              + ", ".join(f"{f:g}: {k} of {meta['n']}" for f, k in meta["skip_tried"]) + f"; skip {a.skip:g}")
     if a.goals:
         print("(--goals: each row at its own setting, chosen on world A: rule 1 (GOAL_PICKS) and rule 2 (its "
               "changes in GOAL_COMPARE); the line above names the rest)")

@@ -98,6 +98,39 @@ def test_rule2_takes_the_lock_only_within_one_standard_error_and_at_the_goal():
     assert eq.rule2_takes_lock(pick, row([21.0, 22.0, 20.0, 23.0]), "sega")                 # the lock is closer
 
 
+@pytest.mark.parametrize("right_at,expect", [
+    ({15: 10, 10: 12}, (0.2, [(0.3, 10), (0.2, 12)])),          # 10 of 12 at 0.3: one step down
+    ({15: 11}, (0.3, [(0.3, 11)])),                              # 11 of 12 is enough
+    ({15: 0, 10: 3, 5: 10}, (0.1, [(0.3, 0), (0.2, 3), (0.1, 10)])),  # never enough: the smallest skip
+])
+def test_skip_rule_s_takes_the_largest_skip_at_which_the_plain_swap_edits(monkeypatch, right_at, expect):
+    """Skip rule S (issue 17, bench/edit_quality.py): it replays the plain caption swap from each skip of the ladder
+    in turn and stops at the first that edits 11 of 12 photos right."""
+    import argparse
+
+    import edit_quality as eq
+
+    scenes = world.sample_scenes(12, seed=1)
+    tgt = [world.with_colour(s, "red" if s.fg != "red" else "blue") for s in scenes]
+    starts = []
+    monkeypatch.setattr(eq, "ddpm_invert", lambda g, x0, sig, generator: (None, None, torch.zeros(len(sig), 1)))
+
+    def replay(g, x, sig, noises, start):
+        starts.append(start)
+        return torch.full((12, 3, 32, 32), 0.01 * start)
+
+    def score_batch(out):       # the first right_at[start] photos read as the true edit, the rest keep the colour
+        k = round(float(out[0, 0, 0, 0]) * 100)
+        return [{"fg": (t if i < right_at.get(k, 0) else s).fg, "shape": s.shape, "bg": s.bg}
+                for i, (s, t) in enumerate(zip(scenes, tgt))]
+
+    monkeypatch.setattr(eq, "replay_sample", replay)
+    monkeypatch.setattr(scorer, "score_batch", score_batch)
+    got = eq.swap_skip(argparse.Namespace(steps=50, seed=0), None, None, None, torch.linspace(1, 0, 51), scenes, tgt)
+    assert got == expect
+    assert starts == [round(f * 50) for f, _ in expect[1]]
+
+
 def test_paired_gap_is_the_per_photo_difference():
     import edit_quality as eq
 
