@@ -376,6 +376,15 @@ GOAL_COMPARE = (
 # Stated before world D: (i) rule 2 is checked on D as it was on C (skip 0.3); the check is undecided where rule 1
 # meets no goal for the two methods the rules differ on; (ii) the same check with skip rule S; (iii) skip rule S is
 # kept if it gives 0.3 on A and, on D, rule 2's picks meet at least as many goals with it as at 0.3; else dropped.
+# Outcome on D (2026-12-05): at 0.3 no method met its goal under either rule (the plain swap edited 5 of 12), so
+# (i) is undecided; S gave 0.2 there, where both rules' picks met one goal (the caption swap) and LEDITS and LEDITS++
+# on the DDPM inversion edited 10 of 12 under both, so (ii) is undecided too; (iii) held (0.3 on A and B; 1 goal
+# against 0), so S is kept: ``--goals`` uses it.  Rule 2 stays untested and is not adopted.
+# Stated on 2026-12-05 before world E's model was trained or any edit run on E (E: sides 8-15 px, near B's; its own
+# recipe and seed): with skip rule S, rule 2 is adopted if, for each of the two methods it changes, its row edits at
+# least as many of E's 12 photos as rule 1's row and meets the goal wherever rule 1's does; else it is rejected.
+# This check is decided whatever E's edits are (the checks on C and D could not be): it asks only that the lock lose
+# nothing that rule 1 gets, since on every world the lock's rows kept more background than rule 1's.
 SKIP_LADDER = (0.3, 0.2, 0.1)
 GOALS = {"swap": (11, 38.0), "sega": (11, 30.0), "ledits++": (11, 30.0), "ledits++ dpm": (11, 30.0), "ptp": (11, 30.0)}
 
@@ -447,6 +456,12 @@ def rule2_takes_lock(pick, lock, kind):
         return False
     m, se, _, _ = paired_gap(pick, lock)
     return m < se
+
+
+def rule2_loses_nothing(pick, lock, kind):
+    """The test of rule 2 stated before world E: rule 2's row (``lock``) edits at least as many photos as rule 1's
+    (``pick``) and meets ``kind``'s goal wherever rule 1's does."""
+    return lock["edit_success"] >= pick["edit_success"] - 1e-9 and (goal_met(lock, kind) or not goal_met(pick, kind))
 
 
 def paired_gap(pick, other):
@@ -782,15 +797,17 @@ def flow_main(a):
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", choices=("A", "B", "C", "D"), default="A",
-                    help="toy world: A (defaults are chosen here), B, C or D (other object sizes, their own models)")
+    ap.add_argument("--world", choices=("A", "B", "C", "D", "E"), default="A",
+                    help="toy world: A (defaults are chosen here), B, C, D or E (other object sizes, their own "
+                         "models)")
     ap.add_argument("--model", default=None, help="toy model folder (default: the world's model)")
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--skip", type=float, default=0.3, help="fraction of steps skipped when editing")
-    ap.add_argument("--skip-rule", choices=("fixed", "swap"), default="fixed",
+    ap.add_argument("--skip-rule", choices=("fixed", "swap"), default=None,
                     help="fixed: --skip; swap: skip rule S, the largest of 0.3 / 0.2 / 0.1 at which the plain "
-                         "DDPM caption swap edits at least 11 of 12 photos (SKIP_LADDER)")
+                         "DDPM caption swap edits at least 11 of 12 photos (SKIP_LADDER). Default: swap with "
+                         "--goals (kept on world D's test), fixed otherwise")
     ap.add_argument("--cfg", type=float, default=3.0, help="target CFG when editing")
     ap.add_argument("--src-cfg", type=float, default=1.0, help="source CFG during inversion and reconstruction")
     ap.add_argument("--seed", type=int, default=123)
@@ -852,7 +869,10 @@ def build_parser():
 
 
 def default_model(a):
-    """The world's toy model folder unless ``--model`` names one (exits if it is missing)."""
+    """The world's toy model folder unless ``--model`` names one (exits if it is missing); the skip rule: S with
+    ``--goals`` (kept on world D, see SKIP_LADDER), else the fixed ``--skip``, unless ``--skip-rule`` names one."""
+    if a.skip_rule is None:
+        a.skip_rule = "swap" if a.goals and not a.flow else "fixed"
     if a.model is None:
         if a.flow:
             if a.world != "A":
@@ -860,7 +880,7 @@ def default_model(a):
             a.model = str(ROOT / "tools" / "toyworld" / "model_flow")
         else:
             a.model = str(ROOT / "tools" / "toyworld" / {"A": "model", "B": "model_b", "C": "model_c",
-                                                              "D": "model_d"}[a.world])
+                                                              "D": "model_d", "E": "model_e"}[a.world])
     if not Path(a.model).is_dir():
         sys.exit(f"no toy model at {a.model}: train it (tools/toyworld/README.md) or pass --model")
     return a
@@ -907,7 +927,9 @@ def main(argv=None):
             m, se, closer, k = paired_gap(pick, r)
             kind = next(p["kind"] for b, p in GOAL_COMPARE if b == r["goal_method"])
             verdict = (f"rule 2 {'takes the edit lock' if rule2_takes_lock(pick, r, kind) else 'keeps the pick'}"
-                       if a.world == "A" else "rule 2 is decided on world A; shown for reference")
+                       if a.world == "A" else "rule 2 is decided on world A; its lock row "
+                       + ("loses nothing" if rule2_loses_nothing(pick, r, kind) else "LOSES an edit or the goal")
+                       + " against rule 1's (the test stated before world E)")
             print(f"{r['goal_method']}: rule 1's pick minus the edit-lock row, PSNR vs the true edit paired over the "
                   f"photos: {m:+.2f} dB (standard error {se:.2f}); the pick is closer on {closer} of {k}: {verdict}")
     for rule, key in (("rule 1", "pick"), ("rule 2", "pick2")) if a.goals else ():

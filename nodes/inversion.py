@@ -115,7 +115,10 @@ class InvertNode(io.ComfyNode):
                                        "(Euler ODE inversion), rf_inversion (RF-Inversion's controlled ODE)."),
                 io.Int.Input("skip", default=0, min=0, max=1000,
                              tooltip="Steps to skip at the start of replay (DDPM paper: 36 of 100). More skip keeps "
-                                     "more of the photo's structure."),
+                                     "more of the photo's structure. If the edit keeps the old colour or attribute, "
+                                     "lower it (some models settle colour early: toy worlds C and D needed 20 % of "
+                                     "the steps, not 30 %); the Inversion Sampler's auto_lock edit then keeps the "
+                                     "background."),
                 io.Float.Input("source_cfg", default=1.0, min=0.0, max=30.0, step=0.1,
                                tooltip="CFG of the source prompt during inversion (1 = positive only). Replaying with "
                                        "the same prompt and CFG reconstructs the photo."),

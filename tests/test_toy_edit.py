@@ -64,7 +64,12 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     assert not eq.goal_met({"edit_success": 10 / 12, "bg_psnr": 90.0}, "sega")
     assert not eq.goal_met({"edit_success": 1.0, "bg_psnr": 37.9}, "swap")
     args = eq.default_model(eq.build_parser().parse_args(["--goals", "--n", "2", "--steps", "10", "--threads", "1"]))
-    rows, _ = eq.run(args)
+    rows, meta = eq.run(args)
+    # --goals takes its skip from skip rule S (the ladder's first rung that edits, or its last)
+    assert meta["skip_rule"] == "swap" and meta["skip_tried"][0][0] == eq.SKIP_LADDER[0]
+    assert meta["skip"] == round(args.skip * 10) and args.skip == meta["skip_tried"][-1][0]
+    assert eq.default_model(eq.build_parser().parse_args(["--semantic-only"])).skip_rule == "fixed"
+    assert eq.default_model(eq.build_parser().parse_args(["--goals", "--skip-rule", "fixed"])).skip_rule == "fixed"
     assert len(rows) == len(eq.GOAL_PICKS) + len(eq.GOAL_COMPARE)
     assert [r["pick"] for r in rows] == [True] * len(eq.GOAL_PICKS) + [False] * len(eq.GOAL_COMPARE)
     changed = {b for b, _ in eq.GOAL_COMPARE}
@@ -96,6 +101,11 @@ def test_rule2_takes_the_lock_only_within_one_standard_error_and_at_the_goal():
     assert not eq.rule2_takes_lock(pick, row(near["vs_truth_photos"], bg=29.9), "sega")    # misses the goal
     assert not eq.rule2_takes_lock(pick, row(near["vs_truth_photos"], es=10 / 12), "sega")
     assert eq.rule2_takes_lock(pick, row([21.0, 22.0, 20.0, 23.0]), "sega")                 # the lock is closer
+    # the no-loss test stated before world E: as many edits, and the goal wherever rule 1 meets it
+    assert eq.rule2_loses_nothing(row([], es=11 / 12, bg=29.0), row([], es=11 / 12, bg=50.0), "sega")
+    assert eq.rule2_loses_nothing(row([], es=10 / 12, bg=29.0), row([], es=10 / 12, bg=29.5), "sega")  # no goal
+    assert not eq.rule2_loses_nothing(row([], es=1.0), row([], es=11 / 12, bg=90.0), "sega")           # an edit
+    assert not eq.rule2_loses_nothing(row([], es=1.0, bg=31.0), row([], es=1.0, bg=29.0), "sega")      # the goal
 
 
 @pytest.mark.parametrize("right_at,expect", [
