@@ -385,6 +385,11 @@ GOAL_COMPARE = (
 # least as many of E's 12 photos as rule 1's row and meets the goal wherever rule 1's does; else it is rejected.
 # This check is decided whatever E's edits are (the checks on C and D could not be): it asks only that the lock lose
 # nothing that rule 1 gets, since on every world the lock's rows kept more background than rule 1's.
+# Outcome on E (2026-12-06, model f144ddc; S gave 0.3): both rules' rows edit 11 of 12 photos for both methods;
+# rule 2's rows meet the goal (LEDITS 58.4 dB, LEDITS++ on the DDPM inversion 45.2 dB), rule 1's do not (29.1 /
+# 28.2 dB).  The test holds, so rule 2 is ADOPTED (ADOPTED_RULE): its picks are the bench's defaults (rule 1's rows
+# are still run and printed, for the record of the choice).  Rule 2's picks met 5 of 5 goals on E, rule 1's 3.
+ADOPTED_RULE = "rule 2"
 SKIP_LADDER = (0.3, 0.2, 0.1)
 GOALS = {"swap": (11, 38.0), "sega": (11, 30.0), "ledits++": (11, 30.0), "ledits++ dpm": (11, 30.0), "ptp": (11, 30.0)}
 
@@ -906,7 +911,8 @@ def main(argv=None):
               + ", ".join(f"{f:g}: {k} of {meta['n']}" for f, k in meta["skip_tried"]) + f"; skip {a.skip:g}")
     if a.goals:
         print("(--goals: each row at its own setting, chosen on world A: rule 1 (GOAL_PICKS) and rule 2 (its "
-              "changes in GOAL_COMPARE); the line above names the rest)")
+              f"changes in GOAL_COMPARE); {ADOPTED_RULE}'s picks are the defaults, adopted on world E; the line above "
+              "names the rest)")
     print("| method | reconstruction PSNR (dB) | edit success | background PSNR (dB) | PSNR vs true edit (dB) |"
           + (" goal |" if a.goals else ""))
     print("|---|---|---|---|---|" + ("---|" if a.goals else ""))
@@ -934,7 +940,8 @@ def main(argv=None):
                   f"photos: {m:+.2f} dB (standard error {se:.2f}); the pick is closer on {closer} of {k}: {verdict}")
     for rule, key in (("rule 1", "pick"), ("rule 2", "pick2")) if a.goals else ():
         picked = [r for r in rows if r[key]]
-        print(f"{rule}'s picks on world {a.world}: goal met by {sum(r['met'] for r in picked)} of {len(picked)} "
+        print(f"{rule}'s picks{' (adopted)' if rule == ADOPTED_RULE else ''} on world {a.world}: goal met by "
+              f"{sum(r['met'] for r in picked)} of {len(picked)} "
               f"methods ({', '.join(r['goal_method'] for r in picked if not r['met']) or 'all'} "
               f"{'not met' if not all(r['met'] for r in picked) else 'met'})")
     if a.json:
