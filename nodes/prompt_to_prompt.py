@@ -108,7 +108,9 @@ class PromptToPromptGuideNode(io.ComfyNode):
                                        "comes from the source (paper 0.4)."),
                 io.Float.Input("self_replace", default=0.6, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps (from the first) in which the target's self-attention "
-                                       "at 1/2 size and coarser comes from the source (paper 0.6)."),
+                                       "at 1/2 size and coarser comes from the source (paper 0.6). Higher keeps more "
+                                       "of the photo's layout; lower it if small objects get lost or keep their old "
+                                       "colour."),
                 io.String.Input("reweight_words", default="",
                                 tooltip="Comma-separated words of the target prompt whose attention is scaled by "
                                         "reweight_value (equalizer). Empty = off."),
