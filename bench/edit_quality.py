@@ -68,6 +68,17 @@ def psnr(a, b, mask=None):
     return (10 * torch.log10(1 / mse.clamp_min(1e-10))).clamp(max=100.0)
 
 
+def edit_strength(images, tgt_scenes) -> list[float]:
+    """Per photo, the share of the true edit's object pixels that the scorer reads as the new colour (1: the object
+    fully recoloured; 0: none of it).  Rule P's measure (issue 18)."""
+    from tools.toyworld import scorer, world
+
+    obj = world.object_masks(tgt_scenes)                                        # [B, H, W]
+    idx = torch.tensor([world.PALETTE_NAMES.index(t.fg) for t in tgt_scenes]).view(-1, 1, 1)
+    hit = (scorer.classify_pixels(images.clamp(-1, 1)) == idx) & obj
+    return (hit.flatten(1).sum(1) / obj.flatten(1).sum(1).clamp_min(1)).tolist()
+
+
 class ToyDenoiser:
     """Guided x0 predictions of the toy model for a fixed pair of captions per image."""
 
@@ -114,6 +125,7 @@ def run(args):
 
     def score_edit(name, out, recon):
         res = scorer.score_batch(out.clamp(-1, 1))
+        strength = edit_strength(out, tgt_scenes)
         ok = [r["fg"] == t.fg and r["shape"] == s.shape and r["bg"] == s.bg
               for r, s, t in zip(res, scenes, tgt_scenes)]
         if args.dump:      # rows: the photos, the true edits, this result (a grid per method)
@@ -128,6 +140,7 @@ def run(args):
                      "edit_success": sum(ok) / len(ok), "bg_psnr": float(psnr(out, src, bg).mean()),
                      "edit_psnr_vs_truth": float(vs_truth.mean()),
                      "vs_truth_photos": vs_truth.tolist(),      # per photo, for paired comparisons
+                     "edit_strength_photos": strength,          # per photo, for rule P (issue 18)
                      # why edits failed: the scorer's reading of each attribute (colour kept = not edited)
                      "wrong": {"colour": sum(r["fg"] != t.fg for r, t in zip(res, tgt_scenes)),
                                "colour_kept": sum(r["fg"] == s.fg for r, s in zip(res, scenes)),
@@ -238,6 +251,21 @@ def run(args):
 # (12/12, 43.2 dB background, 33.1 dB vs the true edit); the node keeps the paper's 0.4 / 0.6 as defaults.
 PTP_DEFAULTS = {"mode": "refine", "cross": 0.6, "self": 0.8, "reweight": 2.0, "blend": 0.3, "blend_start": 0.2,
                 "blend_rule": "otsu", "eta": "paper_A", "region": "q0.75"}
+# Rule P [ours], stated on 2026-12-06 before the sweep's edit strengths were read on world A, before world F's
+# model was trained and before any other setting than rule 1's was run on world E.  Rule 1 (above and in
+# bench/ptp_sweep.py) picks, on A, the setting closest to the exact true edit; on A that favours a long
+# self-attention replace, which on B left small objects in their old colour (README, issue 18).  Rule P reads the
+# goal instead: among the 36 sweep settings (bench/results/ptp_sweep.md) that meet the goal on A, the one whose edit
+# at the goal's rank is strongest (the goal asks 11 of 12 photos, so the second-weakest photo decides it; a photo's
+# edit strength is the share of its true edited object's pixels the scorer reads as the new colour), ties by rule 1
+# (ptp_sweep.pick_rule_p).  Why: the goal counts photos over a threshold, and the setting that clears it on A with
+# the most room is the one least likely to fall below it on another model.  Rule P was written after world B's
+# sweep had been seen, so B cannot test it.  Stated before F: rule P's pick replaces rule 1's (PTP_DEFAULTS with
+# the bench's CFG 3) if, on world E and on world F, each with skip rule S and the edit lock, its Eta + PtP row
+# edits at least as many of the 12 photos as rule 1's row and meets the goal wherever rule 1's does
+# (rule2_loses_nothing, the same no-loss test); else it is rejected.  World F (sides 6-12 px) is to be trained:
+# Min-SNR 3, batch 20, peak LR 1.8e-3, warm-up 300, EMA 0.998, 12 % empty captions, offset noise 0.1, seed 211,
+# 5,000 steps, 2 threads (tools/toyworld/README.md).
 
 
 def ptp_setting(args) -> dict:
@@ -802,7 +830,7 @@ def flow_main(a):
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", choices=("A", "B", "C", "D", "E"), default="A",
+    ap.add_argument("--world", choices=("A", "B", "C", "D", "E", "F"), default="A",
                     help="toy world: A (defaults are chosen here), B, C, D or E (other object sizes, their own "
                          "models)")
     ap.add_argument("--model", default=None, help="toy model folder (default: the world's model)")
@@ -885,7 +913,8 @@ def default_model(a):
             a.model = str(ROOT / "tools" / "toyworld" / "model_flow")
         else:
             a.model = str(ROOT / "tools" / "toyworld" / {"A": "model", "B": "model_b", "C": "model_c",
-                                                              "D": "model_d", "E": "model_e"}[a.world])
+                                                              "D": "model_d", "E": "model_e",
+                                                              "F": "model_f"}[a.world])
     if not Path(a.model).is_dir():
         sys.exit(f"no toy model at {a.model}: train it (tools/toyworld/README.md) or pass --model")
     return a

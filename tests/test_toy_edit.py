@@ -56,6 +56,45 @@ def test_ptp_sweep_picks_on_world_a_only():
     assert a.model.endswith("model_b") and a.ptp_only
 
 
+def test_rule_p_picks_the_strongest_edit_at_the_goals_rank_on_world_a():
+    """Rule P (issue 18): among the settings meeting the goal on A, the strongest second-weakest edit; ties by
+    closeness to the true edit; world B never decides."""
+    import ptp_sweep
+
+    assert ptp_sweep.goal_rank_strength([0.9, 0.1, 0.5] + [1.0] * 9) == 0.5        # one photo may miss
+    assert ptp_sweep.goal_rank_strength([0.2, 0.3]) == 0.2          # 2 photos: 11 of 12 means both
+    assert ptp_sweep.goal_rank_strength([0.4] * 20 + [0.1, 0.2, 0.3, 0.5]) == 0.3    # 24 photos: two may miss
+
+    def r(sa, bga, ta, weak, sb=0.5):
+        return {"A": {"success": sa, "bg": bga, "truth": ta, "strength": [0.0, weak] + [1.0] * 10},
+                "B": {"success": sb, "bg": 90.0, "truth": 20.0, "strength": [1.0] * 12}}
+
+    res = {(1,): r(1.0, 90.0, 33.0, 0.6), (2,): r(11 / 12, 40.0, 25.0, 0.8, sb=1.0), (3,): r(1.0, 29.0, 30.0, 0.99),
+           (4,): r(10 / 12, 90.0, 30.0, 0.99), (5,): r(1.0, 90.0, 26.0, 0.8)}
+    assert ptp_sweep.pick_rule_p(res) == (5,)              # (3) and (4) miss the goal; (2) and (5) tie, (5) closer
+    assert ptp_sweep.pick(res) == (1,)                     # rule 1: 12/12, closest to the truth
+    assert ptp_sweep.pick_rule_p({(4,): r(10 / 12, 90.0, 30.0, 0.99)}) is None
+
+
+def test_edit_strength_reads_the_new_colour_on_the_true_object():
+    """``edit_strength``: the share of the true edit's object read as the new colour; every row carries it."""
+    import edit_quality as eq
+
+    scenes, tgt_scenes, src, tgt, _ = eq.photos(3, 0, "A")
+    assert eq.edit_strength(tgt, tgt_scenes) == [1.0] * 3 and eq.edit_strength(src, tgt_scenes) == [0.0] * 3
+    half = tgt.clone()
+    obj = world.object_masks(tgt_scenes)
+    rows = obj[0].nonzero()[:, 0]
+    top = obj[0] & (torch.arange(32).view(-1, 1) < rows.float().median())    # the object's upper part keeps its colour
+    half[0][:, top] = src[0][:, top]
+    got = eq.edit_strength(half, tgt_scenes)
+    assert got[1:] == [1.0, 1.0] and abs(got[0] - 1 - top.sum().item() / -obj[0].sum().item()) < 1e-6
+    args = eq.default_model(eq.build_parser().parse_args(["--swap-only", "--n", "2", "--steps", "10",
+                                                          "--threads", "1"]))
+    for r in eq.run(args)[0]:
+        assert len(r["edit_strength_photos"]) == 2 and all(0.0 <= v <= 1.0 for v in r["edit_strength_photos"])
+
+
 def test_goals_rows_follow_the_picks_and_the_goal_rule():
     """``--goals``: one row per GOAL_PICKS setting, then the GOAL_COMPARE ones; ``met`` is the issue's goal."""
     import edit_quality as eq

@@ -56,7 +56,10 @@ MAX_SIZE = 22.0
 #: skip), with a fourth recipe and seed, to test rule 2 and the skip rule (bench/edit_quality.py) unseen.  World E
 #: (8-15 px, near B's small objects; plain-MSE training like B's, with another seed and settings) was added after
 #: D's edits had been seen (the tests of rule 2 on C and D were vacuous or undecided), to test rule 2 again, unseen.
-WORLD_SIZES = {"A": (MIN_SIZE, MAX_SIZE), "B": (7.0, 13.0), "C": (9.0, 17.0), "D": (13.0, 26.0), "E": (8.0, 15.0)}
+#: World F (6-12 px, the smallest objects yet, where edits that keep the old colour are likeliest; a sixth recipe
+#: and seed) was added after E's edits had been seen, to test rule P (issue 18's Prompt-to-Prompt setting) unseen.
+WORLD_SIZES = {"A": (MIN_SIZE, MAX_SIZE), "B": (7.0, 13.0), "C": (9.0, 17.0), "D": (13.0, 26.0), "E": (8.0, 15.0),
+               "F": (6.0, 12.0)}
 MARGIN = 1.0  # the object's bounding box stays inside [MARGIN, IMAGE_SIZE - MARGIN]
 
 
