@@ -418,6 +418,12 @@ GOAL_COMPARE = (
 # 28.2 dB).  The test holds, so rule 2 is ADOPTED (ADOPTED_RULE): its picks are the bench's defaults (rule 1's rows
 # are still run and printed, for the record of the choice).  Rule 2's picks met 5 of 5 goals on E, rule 1's 3.
 ADOPTED_RULE = "rule 2"
+# Rule P's pick (see PTP_DEFAULTS) from the sweep on world A (2026-12-06, bench/results/ptp_sweep.md: the
+# second-weakest edit strengths span only 0.88-0.95 over the 36 settings; this one's is the largest), run beside
+# rule 1's Eta + PtP row by --goals, which prints the no-loss test stated before world F off world A.  On world B,
+# already swept, this setting edits 9 of 12 (rule 1's: 10): B cannot test rule P, but it does not favour it.
+GOAL_RULE_P = ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, ptp_cross=0.8, ptp_self=0.6,
+                                 ptp_reweight=4.0, cfg=3.0))
 SKIP_LADDER = (0.3, 0.2, 0.1)
 GOALS = {"swap": (11, 38.0), "sega": (11, 30.0), "ledits++": (11, 30.0), "ledits++ dpm": (11, 30.0), "ptp": (11, 30.0)}
 
@@ -436,15 +442,17 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
     n = len(sig) - 1
     _, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
     dpm = None
-    settings = [(name, pick, True) for name, pick in GOAL_PICKS] + [(nm, p, False) for nm, p in GOAL_COMPARE]
+    settings = ([(name, pick, True) for name, pick in GOAL_PICKS] + [(nm, p, False) for nm, p in GOAL_COMPARE]
+                + [(GOAL_RULE_P[0], GOAL_RULE_P[1], "P")])
     for base, pick, is_pick in settings:
+        own = {k: v for k, v in pick.items() if k.startswith("ptp_") or k == "cfg"}      # rule P's PtP setting
         a = argparse.Namespace(**{**vars(args), "lock": pick["lock"], "lock_start": [pick.get("lock_start", 0.25)],
-                                  "masks": pick.get("masks", args.masks), "ptp_eta_only": True})
+                                  "masks": pick.get("masks", args.masks), "ptp_eta_only": True, **own})
         kind = pick["kind"]
         label = ", ".join(f"{k} {v}" for k, v in pick.items() if k != "kind" and not (k == "lock_start" and
                                                                                        pick["lock"] != "edit"))
         changed = any(b == base for b, _ in GOAL_COMPARE)
-        name = (f"rule 2 only: {base} ({label})" if not is_pick else
+        name = ("rule P: " if is_pick == "P" else f"rule 2 only: {base} ({label})" if not is_pick else
                 f"rule 1 only: {base} ({label})" if changed else f"{base} ({label})")
         if kind == "swap":
             lock = EditLock(lad[: n - skip + 1].flip(0), skip=skip, start=a.lock_start[0]) if a.lock == "edit" else None
@@ -460,7 +468,11 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
             score_edit(name, out, None)
         r = rows[-1]
         r["goal"], r["met"], r["goal_method"] = list(GOALS[kind]), goal_met(r, kind), base
-        r["pick"], r["pick2"] = is_pick, not (is_pick and changed)       # rule 1's and rule 2's picks
+        if is_pick == "P":
+            r["method"] += f", target CFG {a.cfg:g}"
+            r["pick"], r["pick2"], r["rule_p"] = False, False, True
+        else:
+            r["pick"], r["pick2"] = is_pick, not (is_pick and changed)   # rule 1's and rule 2's picks
 
 
 def swap_skip(args, g_src, g_tgt, x0, sig, scenes, tgt_scenes):
@@ -957,7 +969,15 @@ def main(argv=None):
         for r in rows:
             print(f"failures of {r['method'][:24]}...: {r['wrong']}")
     for r in rows if a.goals else ():
-        if not r["pick"]:
+        if r.get("rule_p"):
+            pick = next(p for p in rows if p["pick"] and p["goal_method"] == r["goal_method"])
+            print(f"{r['goal_method']}: rule P's row "
+                  + ("(decided on world A)" if a.world == "A" else
+                     ("loses nothing" if rule2_loses_nothing(pick, r, "ptp") else "LOSES an edit or the goal")
+                     + " against rule 1's (the test stated before world F)")
+                  + f": {round(12 * r['edit_success'])} against {round(12 * pick['edit_success'])} of 12 edits "
+                  f"right, goal {'met' if r['met'] else 'not met'} against {'met' if pick['met'] else 'not met'}")
+        elif not r["pick"]:
             pick = next(p for p in rows if p["pick"] and p["goal_method"] == r["goal_method"])
             m, se, closer, k = paired_gap(pick, r)
             kind = next(p["kind"] for b, p in GOAL_COMPARE if b == r["goal_method"])
