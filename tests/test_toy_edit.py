@@ -112,7 +112,8 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     assert len(rows) == len(eq.GOAL_PICKS) + len(eq.GOAL_COMPARE) + 1
     rule_p = rows.pop()                                   # rule P's Eta + PtP row comes last, at its own CFG
     assert rule_p["rule_p"] and not rule_p["pick"] and not rule_p["pick2"] and rule_p["method"].startswith("rule P")
-    assert f"target CFG {eq.GOAL_RULE_P[1]['cfg']:g}" in rule_p["method"] and rule_p["met"] == eq.goal_met(rule_p, "ptp")
+    assert f"target CFG {eq.GOAL_RULE_P[1]['cfg']:g}" in rule_p["method"]
+    assert rule_p["met"] == eq.goal_met(rule_p, "ptp")
     assert [r["pick"] for r in rows] == [True] * len(eq.GOAL_PICKS) + [False] * len(eq.GOAL_COMPARE)
     changed = {b for b, _ in eq.GOAL_COMPARE}
     assert changed and changed < {b for b, _ in eq.GOAL_PICKS}
