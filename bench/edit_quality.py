@@ -847,8 +847,8 @@ def flow_main(a):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", choices=("A", "B", "C", "D", "E", "F"), default="A",
-                    help="toy world: A (defaults are chosen here), B, C, D or E (other object sizes, their own "
-                         "models)")
+                    help="toy world: A (defaults are chosen here), B, C, D, E or F (other object sizes, their "
+                         "own models)")
     ap.add_argument("--model", default=None, help="toy model folder (default: the world's model)")
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--steps", type=int, default=50)

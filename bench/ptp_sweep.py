@@ -54,7 +54,8 @@ def pick_rule_p(results: dict) -> tuple | None:
     """Rule P [ours] (bench/edit_quality.py, stated before world F): among the settings that meet the goal on A
     (at least 11 of 12 edits, background at least 30 dB), the one whose edit at the goal's rank is strongest
     (:func:`goal_rank_strength`); ties by rule 1 (the highest PSNR vs the true edit on A)."""
-    ok = [k for k, r in results.items() if "A" in r and r["A"]["success"] >= 11 / 12 - 1e-9 and r["A"]["bg"] >= 30.0]
+    ok = [k for k, r in results.items()
+          if "A" in r and eq.goal_met({"edit_success": r["A"]["success"], "bg_psnr": r["A"]["bg"]}, "ptp")]
     if not ok:
         return None
     return max(ok, key=lambda k: (goal_rank_strength(results[k]["A"]["strength"]), results[k]["A"]["truth"]))
