@@ -428,6 +428,27 @@ ADOPTED_RULE = "rule 2"
 # stay the bench's Eta + PtP setting, and this row is printed for the record.
 GOAL_RULE_P = ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, ptp_cross=0.8, ptp_self=0.6,
                                  ptp_reweight=4.0, cfg=3.0))
+# Rule B [ours], stated on 2026-12-06 (third session) after rule P's rejection, before world G's model was trained and
+# before its setting was run on worlds C, D, E or F: rule 1 (12 of 12 edits, then the closest to the exact true edit)
+# applied to world B's column of the same 36-setting edit-lock sweep (bench/results/ptp_sweep.md, 2026-12-04)
+# instead of A's (ptp_sweep.pick(results, "B")).  Why: the guide asks for defaults chosen on one world and reported
+# on another, and names no world; A's large objects reward a long self-attention replace (keeping the layout), B's
+# small objects and flat word maps need the edit to get through (README, issue 18), so the setting chosen where the
+# edit is hard is reported where it is easy.  Its pick: cross 0.6, self 0.6 (the paper's), reweight 2, target CFG 5
+# (the sweep: B 12/12 at 74.2 dB, 24.1 dB vs the truth; A, reported, 12/12 at 88.7 dB, 29.8 dB vs the truth).  The
+# world to choose on was changed after A's pick had failed on B, so A and B cannot test rule B; the test, stated
+# before it: rule B's pick replaces rule 1's (PTP_DEFAULTS at the bench's CFG 3) if (i) re-run on A and B with this
+# code it meets the goal on both, and (ii) on worlds E, F and G, each with skip rule S and the edit lock, its Eta +
+# PtP row edits at least as many of the 12 photos as rule 1's row and meets the goal wherever rule 1's does
+# (rule2_loses_nothing, rule P's test with G added); else it is rejected.  C and D are reported, not part of the
+# test (rule 1 misses there for the inversion's reasons, README).  World G (sides 6-20 px, small and large objects
+# in one world) is to be trained: Min-SNR 4, batch 20, peak LR 1.5e-3, warm-up 250, EMA 0.998, 10 % empty
+# captions, offset noise 0.1, seed 389, 5,000 steps, 2 threads (tools/toyworld/README.md).
+GOAL_RULE_B = ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, ptp_cross=0.6, ptp_self=0.6,
+                                 ptp_reweight=2.0, cfg=5.0))
+# The candidate settings --goals runs beside rule 1's Eta + PtP row: rule, setting, the worlds its test is decided
+# on, the world it was stated before.
+GOAL_CANDIDATES = (("P", GOAL_RULE_P, "E and F", "F"), ("B", GOAL_RULE_B, "E, F and G", "G"))
 SKIP_LADDER = (0.3, 0.2, 0.1)
 GOALS = {"swap": (11, 38.0), "sega": (11, 30.0), "ledits++": (11, 30.0), "ledits++ dpm": (11, 30.0), "ptp": (11, 30.0)}
 
@@ -447,16 +468,17 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
     _, zs, lad = ddpm_invert(g_src, x0, sig, generator=torch.Generator().manual_seed(args.seed))
     dpm = None
     settings = ([(name, pick, True) for name, pick in GOAL_PICKS] + [(nm, p, False) for nm, p in GOAL_COMPARE]
-                + [(GOAL_RULE_P[0], GOAL_RULE_P[1], "P")])
+                + [(setting[0], setting[1], rule) for rule, setting, _, _ in GOAL_CANDIDATES])
     for base, pick, is_pick in settings:
-        own = {k: v for k, v in pick.items() if k.startswith("ptp_") or k == "cfg"}      # rule P's PtP setting
+        own = {k: v for k, v in pick.items() if k.startswith("ptp_") or k == "cfg"}      # a candidate's PtP setting
         a = argparse.Namespace(**{**vars(args), "lock": pick["lock"], "lock_start": [pick.get("lock_start", 0.25)],
                                   "masks": pick.get("masks", args.masks), "ptp_eta_only": True, **own})
         kind = pick["kind"]
         label = ", ".join(f"{k} {v}" for k, v in pick.items() if k != "kind" and not (k == "lock_start" and
                                                                                        pick["lock"] != "edit"))
         changed = any(b == base for b, _ in GOAL_COMPARE)
-        name = ("rule P: " if is_pick == "P" else f"rule 2 only: {base} ({label})" if not is_pick else
+        candidate = isinstance(is_pick, str)
+        name = (f"rule {is_pick}: " if candidate else f"rule 2 only: {base} ({label})" if not is_pick else
                 f"rule 1 only: {base} ({label})" if changed else f"{base} ({label})")
         if kind == "swap":
             lock = EditLock(lad[: n - skip + 1].flip(0), skip=skip, start=a.lock_start[0]) if a.lock == "edit" else None
@@ -472,9 +494,9 @@ def goal_rows(args, model, td, g_src, g_tgt, src_caps, tgt_caps, x0, sig, skip, 
             score_edit(name, out, None)
         r = rows[-1]
         r["goal"], r["met"], r["goal_method"] = list(GOALS[kind]), goal_met(r, kind), base
-        if is_pick == "P":
+        if candidate:
             r["method"] += f", target CFG {a.cfg:g}"
-            r["pick"], r["pick2"], r["rule_p"] = False, False, True
+            r["pick"], r["pick2"], r["candidate"] = False, False, is_pick
         else:
             r["pick"], r["pick2"] = is_pick, not (is_pick and changed)   # rule 1's and rule 2's picks
 
@@ -846,8 +868,8 @@ def flow_main(a):
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", choices=("A", "B", "C", "D", "E", "F"), default="A",
-                    help="toy world: A (defaults are chosen here), B, C, D, E or F (other object sizes, their "
+    ap.add_argument("--world", choices=tuple("ABCDEFG"), default="A",
+                    help="toy world: A (defaults are chosen here), B, C, D, E, F or G (other object sizes, their "
                          "own models)")
     ap.add_argument("--model", default=None, help="toy model folder (default: the world's model)")
     ap.add_argument("--n", type=int, default=12)
@@ -930,7 +952,7 @@ def default_model(a):
         else:
             a.model = str(ROOT / "tools" / "toyworld" / {"A": "model", "B": "model_b", "C": "model_c",
                                                               "D": "model_d", "E": "model_e",
-                                                              "F": "model_f"}[a.world])
+                                                              "F": "model_f", "G": "model_g"}[a.world])
     if not Path(a.model).is_dir():
         sys.exit(f"no toy model at {a.model}: train it (tools/toyworld/README.md) or pass --model")
     return a
@@ -973,12 +995,13 @@ def main(argv=None):
         for r in rows:
             print(f"failures of {r['method'][:24]}...: {r['wrong']}")
     for r in rows if a.goals else ():
-        if r.get("rule_p"):
+        if r.get("candidate"):
             pick = next(p for p in rows if p["pick"] and p["goal_method"] == r["goal_method"])
-            print(f"{r['goal_method']}: rule P's row "
-                  + ("(decided on world A)" if a.world == "A" else
-                     ("loses nothing" if rule2_loses_nothing(pick, r, "ptp") else "LOSES an edit or the goal")
-                     + " against rule 1's (the test stated before world F, decided on E and F together)")
+            _, _, test_worlds, before = next(c for c in GOAL_CANDIDATES if c[0] == r["candidate"])
+            print(f"{r['goal_method']}: rule {r['candidate']}'s row "
+                  + ("loses nothing" if rule2_loses_nothing(pick, r, "ptp") else "LOSES an edit or the goal")
+                  + f" against rule 1's (the test stated before world {before}, decided on {test_worlds} together"
+                  + ("" if a.world in test_worlds.replace(" and", ",").split(", ") else "; not one of them") + ")"
                   + f": {round(12 * r['edit_success'])} against {round(12 * pick['edit_success'])} of 12 edits "
                   f"right, goal {'met' if r['met'] else 'not met'} against {'met' if pick['met'] else 'not met'}")
         elif not r["pick"]:

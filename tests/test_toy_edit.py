@@ -52,8 +52,34 @@ def test_ptp_sweep_picks_on_world_a_only():
     res = {(0.4,): r(1.0, 30.0, sb=1.0, tb=40.0), (0.6,): r(1.0, 33.0), (0.8,): r(11 / 12, 35.0, sb=1.0)}
     assert ptp_sweep.pick(res) == (0.6,)
     assert ptp_sweep.pick({(0.8,): r(11 / 12, 35.0)}) is None
+    assert ptp_sweep.pick(res, "B") == (0.4,)              # rule 1 on B (rule B): (0.8,) is 12/12 on B, farther
     a = ptp_sweep.eq.default_model(ptp_sweep.eq.build_parser().parse_args(["--world", "B", "--ptp-only"]))
     assert a.model.endswith("model_b") and a.ptp_only
+
+
+def test_the_bench_settings_are_the_rules_picks_from_the_recorded_sweep():
+    """PTP_DEFAULTS is rule 1's pick on world A and GOAL_RULE_B rule 1's pick on world B, read from the recorded
+    edit-lock sweep (bench/results/ptp_sweep.md); a changed setting or table that no longer agrees fails here."""
+    import edit_quality as eq
+    import ptp_sweep
+
+    text = (ROOT / "bench" / "results" / "ptp_sweep.md").read_text().split("Beside it")[0]
+    results = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 6 or not cells[0][:1].isdigit():
+            continue
+        key = tuple(float(c.split()[0]) for c in cells[:4])
+        per = {}
+        for w, c in zip("AB", cells[4:]):
+            ok, bg, truth = [p.strip() for p in c.split(" / ")]
+            per[w] = {"success": int(ok.split("/")[0]) / 12, "bg": float(bg), "truth": float(truth)}
+        results[key] = per
+    assert len(results) == 36
+    d = eq.PTP_DEFAULTS
+    assert ptp_sweep.pick(results) == (d["cross"], d["self"], d["reweight"], 3.0)
+    b = eq.GOAL_RULE_B[1]
+    assert ptp_sweep.pick(results, "B") == (b["ptp_cross"], b["ptp_self"], b["ptp_reweight"], b["cfg"])
 
 
 def test_rule_p_picks_the_strongest_edit_at_the_goals_rank_on_world_a():
@@ -109,11 +135,13 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     assert meta["skip"] == round(args.skip * 10) and args.skip == meta["skip_tried"][-1][0]
     assert eq.default_model(eq.build_parser().parse_args(["--semantic-only"])).skip_rule == "fixed"
     assert eq.default_model(eq.build_parser().parse_args(["--goals", "--skip-rule", "fixed"])).skip_rule == "fixed"
-    assert len(rows) == len(eq.GOAL_PICKS) + len(eq.GOAL_COMPARE) + 1
-    rule_p = rows.pop()                                   # rule P's Eta + PtP row comes last, at its own CFG
-    assert rule_p["rule_p"] and not rule_p["pick"] and not rule_p["pick2"] and rule_p["method"].startswith("rule P")
-    assert f"target CFG {eq.GOAL_RULE_P[1]['cfg']:g}" in rule_p["method"]
-    assert rule_p["met"] == eq.goal_met(rule_p, "ptp")
+    assert len(rows) == len(eq.GOAL_PICKS) + len(eq.GOAL_COMPARE) + len(eq.GOAL_CANDIDATES)
+    for rule, setting, _, _ in reversed(eq.GOAL_CANDIDATES):  # the candidates' Eta + PtP rows come last, own CFG
+        row = rows.pop()
+        assert row["candidate"] == rule and not row["pick"] and not row["pick2"]
+        assert row["method"].startswith(f"rule {rule}: ") and f"target CFG {setting[1]['cfg']:g}" in row["method"]
+        assert f"cross {setting[1]['ptp_cross']:g}, self {setting[1]['ptp_self']:g}" in row["method"]
+        assert row["met"] == eq.goal_met(row, "ptp")
     assert [r["pick"] for r in rows] == [True] * len(eq.GOAL_PICKS) + [False] * len(eq.GOAL_COMPARE)
     changed = {b for b, _ in eq.GOAL_COMPARE}
     assert changed and changed < {b for b, _ in eq.GOAL_PICKS}

@@ -252,7 +252,8 @@ def test_world_b_has_smaller_objects_and_the_scorer_reads_them():
     frac = lambda scenes: float(torch.stack([world.object_mask(s) for s in scenes]).float().mean())  # noqa: E731
     assert frac(b) < 0.5 * frac(a)
     assert scorer.scene_accuracy(world.render_batch(b[:200]), b[:200])["all"] == 1.0
-    for name, (lo, hi) in (("C", (9.0, 17.0)), ("D", (13.0, 26.0)), ("E", (8.0, 15.0)), ("F", (6.0, 12.0))):
+    for name, (lo, hi) in (("C", (9.0, 17.0)), ("D", (13.0, 26.0)), ("E", (8.0, 15.0)), ("F", (6.0, 12.0)),
+                         ("G", (6.0, 20.0))):
         scenes = world.sample_scenes(300, seed=3, world=name)
         assert [s.fg for s in scenes] == [s.fg for s in a] and all(lo <= s.size <= hi for s in scenes)
         assert scorer.scene_accuracy(world.render_batch(scenes[:200]), scenes[:200])["all"] == 1.0

@@ -58,9 +58,11 @@ MAX_SIZE = 22.0
 #: D's edits had been seen (the tests of rule 2 on C and D were vacuous or undecided), to test rule 2 again, unseen.
 #: World F (6-12 px, the smallest objects yet, where edits that keep the old colour are likeliest; a sixth recipe
 #: and seed) was added after E's edits had been seen, to test rule P (issue 18's Prompt-to-Prompt setting) unseen
-#: (rejected: it gained an edit on F and lost one, with the goal, on E).
+#: (rejected: it gained an edit on F and lost one, with the goal, on E).  World G (6-20 px: small and large
+#: objects in one world; a seventh recipe and seed) was added after every other world's edits had been seen, to
+#: test rule B (issue 18's Prompt-to-Prompt setting chosen on world B) on a model nothing was chosen on.
 WORLD_SIZES = {"A": (MIN_SIZE, MAX_SIZE), "B": (7.0, 13.0), "C": (9.0, 17.0), "D": (13.0, 26.0), "E": (8.0, 15.0),
-               "F": (6.0, 12.0)}
+               "F": (6.0, 12.0), "G": (6.0, 20.0)}
 MARGIN = 1.0  # the object's bounding box stays inside [MARGIN, IMAGE_SIZE - MARGIN]
 
 
