@@ -30,7 +30,7 @@ def cell(world: str, cross: float, self_: float, reweight: float, cfg: float, th
          blend_rule: str = "threshold", lock: str = "none") -> dict:
     a = eq.default_model(eq.build_parser().parse_args(
         ["--world", world, "--ptp-only", "--ptp-eta-only", "--threads", str(threads), "--ptp-cross", str(cross),
-         "--ptp-self", str(self_), "--ptp-reweight", str(reweight), "--cfg", str(cfg),
+         "--ptp-self", str(self_), "--ptp-reweight", str(reweight), "--ptp-cfg", str(cfg),
          "--ptp-blend-rule", blend_rule, "--lock", lock]))
     (row,), _ = eq.run(a)
     return {"success": row["edit_success"], "bg": row["bg_psnr"], "truth": row["edit_psnr_vs_truth"],

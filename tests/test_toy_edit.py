@@ -77,9 +77,9 @@ def test_the_bench_settings_are_the_rules_picks_from_the_recorded_sweep():
         results[key] = per
     assert len(results) == 36
     d = eq.PTP_DEFAULTS
-    assert ptp_sweep.pick(results) == (d["cross"], d["self"], d["reweight"], 3.0)
+    assert ptp_sweep.pick(results) == (d["cross"], d["self"], d["reweight"], d["cfg"])
     b = eq.GOAL_RULE_B[1]
-    assert ptp_sweep.pick(results, "B") == (b["ptp_cross"], b["ptp_self"], b["ptp_reweight"], b["cfg"])
+    assert ptp_sweep.pick(results, "B") == (b["ptp_cross"], b["ptp_self"], b["ptp_reweight"], b["ptp_cfg"])
 
 
 def test_rule_p_picks_the_strongest_edit_at_the_goals_rank_on_world_a():
@@ -139,8 +139,9 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     for rule, setting, _, _ in reversed(eq.GOAL_CANDIDATES):  # the candidates' Eta + PtP rows come last, own CFG
         row = rows.pop()
         assert row["candidate"] == rule and not row["pick"] and not row["pick2"]
-        assert row["method"].startswith(f"rule {rule}: ") and f"target CFG {setting[1]['cfg']:g}" in row["method"]
-        assert f"cross {setting[1]['ptp_cross']:g}, self {setting[1]['ptp_self']:g}" in row["method"]
+        assert row["method"].startswith(f"rule {rule}: ")
+        assert (f"target CFG {setting[1]['ptp_cfg']:g}, cross {setting[1]['ptp_cross']:g}, "
+                f"self {setting[1]['ptp_self']:g}") in row["method"]
         assert row["met"] == eq.goal_met(row, "ptp")
     assert [r["pick"] for r in rows] == [True] * len(eq.GOAL_PICKS) + [False] * len(eq.GOAL_COMPARE)
     changed = {b for b, _ in eq.GOAL_COMPARE}
