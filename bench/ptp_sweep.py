@@ -39,7 +39,7 @@ def cell(world: str, cross: float, self_: float, reweight: float, cfg: float, th
 
 def pick(results: dict, world: str = "A") -> tuple | None:
     """Rule 1 on one world: 12/12 there, then the highest PSNR vs the true edit there.  On world A (the default) it
-    chose PTP_DEFAULTS; on world B it is rule B (bench/edit_quality.py, GOAL_RULE_B)."""
+    chose PTP_RULE_1; on world B it is rule B (bench/edit_quality.py, GOAL_RULE_B), adopted as PTP_DEFAULTS."""
     full = [k for k, r in results.items() if world in r and r[world]["success"] == 1.0]
     return max(full, key=lambda k: results[k][world]["truth"]) if full else None
 

@@ -58,8 +58,9 @@ def test_ptp_sweep_picks_on_world_a_only():
 
 
 def test_the_bench_settings_are_the_rules_picks_from_the_recorded_sweep():
-    """PTP_DEFAULTS is rule 1's pick on world A and GOAL_RULE_B rule 1's pick on world B, read from the recorded
-    edit-lock sweep (bench/results/ptp_sweep.md); a changed setting or table that no longer agrees fails here."""
+    """PTP_RULE_1 (rule 1's Eta + PtP row) is rule 1's pick on world A, and GOAL_RULE_B, adopted as PTP_DEFAULTS,
+    rule 1's pick on world B, read from the recorded edit-lock sweep (bench/results/ptp_sweep.md); a changed setting
+    or table that no longer agrees fails here."""
     import edit_quality as eq
     import ptp_sweep
 
@@ -76,10 +77,16 @@ def test_the_bench_settings_are_the_rules_picks_from_the_recorded_sweep():
             per[w] = {"success": int(ok.split("/")[0]) / 12, "bg": float(bg), "truth": float(truth)}
         results[key] = per
     assert len(results) == 36
-    d = eq.PTP_DEFAULTS
-    assert ptp_sweep.pick(results) == (d["cross"], d["self"], d["reweight"], d["cfg"])
+    keys = ("cross", "self", "reweight", "cfg")
+    r1 = eq.PTP_RULE_1
+    assert ptp_sweep.pick(results) == tuple(r1[k] for k in keys)
+    assert [p for b, p in eq.GOAL_PICKS if b == "Eta + PtP"] == [
+        dict(kind="ptp", lock="edit", lock_start=0.25, **{"ptp_" + k: r1[k] for k in keys})]
     b = eq.GOAL_RULE_B[1]
-    assert ptp_sweep.pick(results, "B") == (b["ptp_cross"], b["ptp_self"], b["ptp_reweight"], b["ptp_cfg"])
+    assert ptp_sweep.pick(results, "B") == tuple(b["ptp_" + k] for k in keys)
+    # rule B was adopted on world G: the default is its setting, the rest of the setting rule 1's
+    assert eq.ADOPTED_PTP_RULE == "B" and eq.PTP_DEFAULTS == dict(r1, **{k: b["ptp_" + k] for k in keys})
+    assert eq.ptp_setting(eq.build_parser().parse_args([])) == eq.PTP_DEFAULTS
 
 
 def test_rule_p_picks_the_strongest_edit_at_the_goals_rank_on_world_a():
@@ -138,7 +145,7 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     assert len(rows) == len(eq.GOAL_PICKS) + len(eq.GOAL_COMPARE) + len(eq.GOAL_CANDIDATES)
     for rule, setting, _, _ in reversed(eq.GOAL_CANDIDATES):  # the candidates' Eta + PtP rows come last, own CFG
         row = rows.pop()
-        assert row["candidate"] == rule and not row["pick"] and not row["pick2"]
+        assert row["candidate"] == rule and not row["pick"] and row["pick2"] == (rule == eq.ADOPTED_PTP_RULE)
         assert row["method"].startswith(f"rule {rule}: ")
         assert (f"target CFG {setting[1]['ptp_cfg']:g}, cross {setting[1]['ptp_cross']:g}, "
                 f"self {setting[1]['ptp_self']:g}") in row["method"]
@@ -146,7 +153,9 @@ def test_goals_rows_follow_the_picks_and_the_goal_rule():
     assert [r["pick"] for r in rows] == [True] * len(eq.GOAL_PICKS) + [False] * len(eq.GOAL_COMPARE)
     changed = {b for b, _ in eq.GOAL_COMPARE}
     assert changed and changed < {b for b, _ in eq.GOAL_PICKS}
-    assert [r["pick2"] for r in rows] == [b not in changed for b, _ in eq.GOAL_PICKS] + [True] * len(changed)
+    # the adopted picks: rule 2's, but rule 1's Eta + PtP row gives way to the adopted candidate's
+    assert [r["pick2"] for r in rows] == [b not in changed and p["kind"] != "ptp" for b, p in eq.GOAL_PICKS] + [
+        True] * len(changed)
     assert [r["method"].startswith("rule 1 only: ") for r in rows[:len(eq.GOAL_PICKS)]] == [
         b in changed for b, _ in eq.GOAL_PICKS]
     kinds = [p["kind"] for _, p in eq.GOAL_PICKS + eq.GOAL_COMPARE]
