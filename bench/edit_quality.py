@@ -253,9 +253,7 @@ def run(args):
 # until 2026-12-06; it is kept as rule 1's Eta + PtP row of --goals (GOAL_PICKS).
 PTP_RULE_1 = {"mode": "refine", "cross": 0.6, "self": 0.8, "reweight": 2.0, "blend": 0.3, "blend_start": 0.2,
               "blend_rule": "otsu", "eta": "paper_A", "region": "q0.75", "cfg": 3.0}
-# The bench's default since 2026-12-06: rule B's pick (chosen on world B, see GOAL_RULE_B), adopted by the test
-# stated before world G was trained: the paper's self-attention replace (0.6) and target CFG 5.
-PTP_DEFAULTS = dict(PTP_RULE_1, self=0.6, cfg=5.0)
+PTP_SWEPT = ("cross", "self", "reweight", "cfg")      # the keys bench/ptp_sweep.py sweeps
 # Rule P [ours], stated on 2026-12-06 before the sweep's edit strengths were read on world A, before world F's
 # model was trained and before any other setting than rule 1's was run on world E.  Rule 1 (above and in
 # bench/ptp_sweep.py) picks, on A, the setting closest to the exact true edit; on A that favours a long
@@ -382,8 +380,7 @@ GOAL_PICKS = (
     ("LEDITS", dict(kind="sega", lock="none", masks="intersect", scale=3.0)),
     ("LEDITS++ masks on the DDPM inversion", dict(kind="ledits++", lock="none", masks="noise", scale=4.0)),
     ("LEDITS++ (its inversion)", dict(kind="ledits++ dpm", lock="edit", lock_start=0.25, masks="noise", scale=4.0)),
-    ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, ptp_cross=0.6, ptp_self=0.8, ptp_reweight=2.0,
-                       ptp_cfg=3.0)),            # PTP_RULE_1; the default since 2026-12-06 is rule B's (GOAL_RULE_B)
+    ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, **{"ptp_" + k: PTP_RULE_1[k] for k in PTP_SWEPT})),
 )
 # Rule 2 [ours], fixed on 2026-12-05 before world C's model was trained or any edit was run on world C: the rule-1
 # pick above, unless the edit lock at the pick's method, masks and scale also meets the goal on A and is within one
@@ -466,6 +463,9 @@ GOAL_RULE_B = ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, ptp_c
 # on, the world it was stated before.
 GOAL_CANDIDATES = (("P", GOAL_RULE_P, "E and F", "F"), ("B", GOAL_RULE_B, "E, F and G", "G"))
 ADOPTED_PTP_RULE = "B"      # the candidate whose Eta + PtP row replaces rule 1's among the adopted picks
+# The bench's default since 2026-12-06: rule B's pick (chosen on world B), adopted by the test stated before world G
+# was trained: the paper's self-attention replace (0.6) and target CFG 5; the rest as rule 1's.
+PTP_DEFAULTS = dict(PTP_RULE_1, **{k[4:]: v for k, v in GOAL_RULE_B[1].items() if k.startswith("ptp_")})
 SKIP_LADDER = (0.3, 0.2, 0.1)
 GOALS = {"swap": (11, 38.0), "sega": (11, 30.0), "ledits++": (11, 30.0), "ledits++ dpm": (11, 30.0), "ptp": (11, 30.0)}
 

@@ -77,7 +77,7 @@ def test_the_bench_settings_are_the_rules_picks_from_the_recorded_sweep():
             per[w] = {"success": int(ok.split("/")[0]) / 12, "bg": float(bg), "truth": float(truth)}
         results[key] = per
     assert len(results) == 36
-    keys = ("cross", "self", "reweight", "cfg")
+    keys = eq.PTP_SWEPT
     r1 = eq.PTP_RULE_1
     assert ptp_sweep.pick(results) == tuple(r1[k] for k in keys)
     assert [p for b, p in eq.GOAL_PICKS if b == "Eta + PtP"] == [
