@@ -455,7 +455,7 @@ GOAL_RULE_P = ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, ptp_c
 # 11 of 12 (52.4 against 64.2 dB), F 12 against 11 (75.5 against 85.5 dB), G 11 against 10 (75.8 against 86.7 dB;
 # rule 1 misses the goal on G), the goal met wherever rule 1's is and on G where it is not.  The test holds, so rule
 # B is ADOPTED (ADOPTED_PTP_RULE): PTP_DEFAULTS is its setting, and its row is the adopted Eta + PtP pick of --goals
-# (rule 1's row is still run and printed, for the record).  The cost it shows: 10-20 dB less background on E, F
+# (rule 1's row is still run and printed, for the record).  The cost it shows: 10-12 dB less background on E, F
 # and G than rule 1's (still 52-76 dB) and farther from the true edit on A (29.8 against 33.8 dB).
 GOAL_RULE_B = ("Eta + PtP", dict(kind="ptp", lock="edit", lock_start=0.25, ptp_cross=0.6, ptp_self=0.6,
                                  ptp_reweight=2.0, ptp_cfg=5.0))
